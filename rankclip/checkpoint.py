@@ -1,0 +1,170 @@
+"""Checkpoints: atomic writes, exact resume, and import of checkpoints made elsewhere.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a
+crash or a full disk never leaves a truncated checkpoint under a real name. Checkpoints hold
+only plain types and tensors and are always read with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import Config, ConfigError
+
+PREFIXES = ("module.",)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` via a temporary file + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_alias(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of `src` atomically: a hard link when the file system allows one."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file safely (no pickled code) onto the CPU."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ConfigError(f"checkpoint {path}: no such file") from e
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path}: cannot be read as a weights-only torch file ({e})") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint dict, with DDP's `module.` prefix removed."""
+    state = obj.get("state_dict", obj)
+    out = {}
+    for key, value in state.items():
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict:
+    """Strictly load a checkpoint's weights into `model`; returns the whole checkpoint dict."""
+    obj = read_checkpoint(path)
+    state = extract_state_dict(obj)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"checkpoint {path} does not match the model: missing {result.missing_keys[:5]}"
+            f"{' ...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{' ...' if len(result.unexpected_keys) > 5 else ''}; check --model_name")
+    return obj
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """torch.load returns Python's random state with lists where tuples were."""
+    if isinstance(value, list):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+class Checkpointer:
+    """Owns <run>/checkpoints: epoch_<N>.pt every epoch, epoch_latest.pt, and epoch.best.pt by validation loss."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.dir = run_dir / "checkpoints"
+        self.enabled = enabled
+        self.best_loss: Optional[float] = None
+
+    @property
+    def latest(self) -> Path:
+        return self.dir / "epoch_latest.pt"
+
+    def save(self, *, epoch: int, step: int, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: Optional[torch.amp.GradScaler], validation_loss: Optional[float]) -> None:
+        if not self.enabled:
+            return
+        improved = validation_loss is not None and (self.best_loss is None or validation_loss < self.best_loss)
+        if improved:
+            self.best_loss = validation_loss
+        state = {
+            "epoch": epoch,
+            "step": step,
+            "name": cfg.name,
+            "model_name": cfg.model_name,
+            "config": cfg.to_dict(),
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+            "best_validation_loss": self.best_loss,
+        }
+        path = self.dir / f"epoch_{epoch}.pt"
+        atomic_save(state, path)
+        _atomic_alias(path, self.latest)
+        if improved:
+            _atomic_alias(path, self.dir / "epoch.best.pt")
+
+    def restore(self, obj: dict) -> None:
+        """Pick up the best validation loss so far from a resumed checkpoint."""
+        self.best_loss = obj.get("best_validation_loss")
+
+
+def restore_training(obj: dict, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                     checkpointer: Checkpointer, steps_per_epoch: int) -> tuple[int, int]:
+    """Optimizer, scaler, RNG and best loss from a checkpoint whose weights are already loaded.
+
+    Returns (first epoch to train, global step). Checkpoints of the seed/CyCLIP carry no step or
+    RNG state: the step is then derived from the epoch.
+    """
+    if "epoch" not in obj:
+        raise ConfigError("the checkpoint has no 'epoch': it holds weights only; use --pretrained PATH to start from it")
+    if "optimizer" in obj:
+        try:
+            optimizer.load_state_dict(obj["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"the checkpoint's optimizer state does not fit this model ({e}); "
+                              f"use --pretrained PATH to start from its weights only") from e
+    if scaler is not None and obj.get("scaler"):
+        scaler.load_state_dict(obj["scaler"])
+    if "rng" in obj:
+        set_rng_state(obj["rng"])
+    checkpointer.restore(obj)
+    epoch = int(obj["epoch"])
+    return epoch + 1, int(obj.get("step", epoch * steps_per_epoch))

@@ -1,0 +1,244 @@
+"""Typed run configuration, built once from command-line flags and an optional --config file.
+
+Precedence, lowest first: dataclass defaults < the demo preset (only when no data flag is
+given) < the `--config` JSON file < flags given on the command line. The result is frozen;
+runtime facts (rank, device) live in `distributed.Runtime`, never here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_PRESET = REPO_ROOT / "configs" / "demo.json"
+
+EVAL_DATA_TYPES = (
+    "Caltech101", "CIFAR10", "CIFAR100", "DTD", "FGVCAircraft", "Flowers102", "Food101", "GTSRB",
+    "ImageNet1K", "OxfordIIITPet", "RenderedSST2", "StanfordCars", "STL10", "SVHN",
+    "ImageNetSketch", "ImageNetV2", "ImageNet-A", "ImageNet-R",
+)
+LOSSES = ("rankclip", "clip", "cyclip")
+PRECISIONS = ("amp", "amp_bf16", "fp32")
+RANK_SCHEDULES = ("reference", "constant")
+# Flags whose presence means "the user brought data": without any of them we run the demo.
+DATA_FLAGS = ("train_data", "validation_data", "eval_test_data_dir", "checkpoint", "resume")
+
+
+class ConfigError(ValueError):
+    """A problem with the user's flags or files, reported as one line at start-up."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # run
+    name: Optional[str] = None
+    logs: str = "logs/"
+    seed: int = 0
+    wandb: bool = False
+    notes: Optional[str] = None
+    # model
+    model_name: str = "RN50"
+    pretrained: Optional[str] = None
+    # data
+    train_data: Optional[str] = None
+    validation_data: Optional[str] = None
+    delimiter: str = ","
+    image_key: str = "image"
+    caption_key: str = "caption"
+    num_workers: int = 4
+    inmodal: bool = False
+    # evaluation
+    eval_data_type: Optional[str] = None
+    eval_test_data_dir: Optional[str] = None
+    eval_train_data_dir: Optional[str] = None
+    linear_probe: bool = False
+    linear_probe_batch_size: int = 16
+    linear_probe_num_epochs: int = 32
+    # devices and processes
+    device: Optional[str] = None
+    device_id: int = 0
+    device_ids: Optional[tuple[int, ...]] = None
+    distributed: bool = False
+    distributed_backend: Optional[str] = None
+    distributed_init_method: str = "tcp://127.0.0.1:5434"
+    precision: str = "amp"
+    # optimisation
+    epochs: int = 64
+    batch_size: int = 128
+    lr: float = 5e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    num_warmup_steps: int = 10000
+    # objective
+    loss: str = "rankclip"
+    lambda1: float = 1 / 16
+    lambda2: float = 1 / 16
+    rank_eps: float = 1e-10
+    rank_schedule: str = "reference"
+    cylambda1: float = 0.0
+    cylambda2: float = 0.0
+    # checkpoints
+    checkpoint: Optional[str] = None
+    resume: Optional[str] = None
+    config: Optional[str] = None
+    demo: bool = field(default=False, metadata={"help": "set when the bundled demo preset was applied"})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logs) / str(self.name)
+
+    def to_dict(self) -> dict:
+        """Plain types only, so the dict can be stored in a checkpoint loaded with weights_only."""
+        out = dataclasses.asdict(self)
+        if out["device_ids"] is not None:
+            out["device_ids"] = list(out["device_ids"])
+        return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Seed-compatible flags. Defaults are SUPPRESSed so we can tell which flags were given."""
+    p = argparse.ArgumentParser(
+        prog="python -m rankclip.main",
+        description="RankCLIP pretraining and evaluation. With no data flags, trains tiny-vit on the bundled demo.",
+        argument_default=argparse.SUPPRESS,
+    )
+    d = Config()
+    add = p.add_argument
+    add("--config", type=str, help="JSON file of flag values; flags on the command line win")
+    add("--name", type=str, help="run name; the run folder is <logs>/<name> (default: time stamp)")
+    add("--logs", "--logs_dir", dest="logs", type=str,
+        help=f"folder that holds run folders (default {d.logs}); under torchrun spell it --logs_dir")
+    add("--seed", type=int, help=f"seed for weights, data order and augmentation (default {d.seed})")
+    add("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    add("--notes", type=str, help="notes stored with the wandb run")
+    add("--model_name", type=str, help=f"RN50, RN101, RN50x4, ViT-B/32, any open_clip name, or configs/*.json (default {d.model_name})")
+    add("--pretrained", nargs="?", const="openai", help="start from OpenAI's weights (no value) or a local weights file")
+    add("--train_data", type=str, help="training CSV/TSV of image paths and captions")
+    add("--validation_data", type=str, help="validation CSV/TSV (validation loss each epoch)")
+    add("--delimiter", type=str, help="CSV delimiter (default ','; TSV: $'\\t')")
+    add("--image_key", type=str, help=f"column of image paths (default {d.image_key})")
+    add("--caption_key", type=str, help=f"column of captions (default {d.caption_key})")
+    add("--num_workers", type=int, help=f"data loader workers per process (default {d.num_workers})")
+    add("--inmodal", action="store_true", help="add augmented views and the in-modal contrastive term")
+    add("--eval_data_type", type=str, choices=EVAL_DATA_TYPES, help="zero-shot evaluation set")
+    add("--eval_test_data_dir", type=str, help="zero-shot folder: labels.csv + classes.py")
+    add("--eval_train_data_dir", type=str, help="training split for the linear probe")
+    add("--linear_probe", action="store_true", help="evaluate by linear probe")
+    add("--linear_probe_batch_size", type=int, help=f"(default {d.linear_probe_batch_size})")
+    add("--linear_probe_num_epochs", type=int, help=f"(default {d.linear_probe_num_epochs})")
+    add("--device", type=str, choices=("cpu", "gpu"), help="default: gpu when CUDA is available, else cpu")
+    add("--device_id", type=int, help=f"GPU index for one-process runs (default {d.device_id})")
+    add("--device_ids", type=int, nargs="+", help="GPU indices for --distributed")
+    add("--distributed", action="store_true", help="one process per GPU")
+    add("--distributed_backend", type=str, help="nccl on GPUs, gloo on CPUs by default")
+    add("--distributed_init_method", type=str, help=f"(default {d.distributed_init_method})")
+    add("--precision", type=str, choices=PRECISIONS, help="amp (fp16), amp_bf16 or fp32; CPU always uses fp32")
+    add("--epochs", type=int, help=f"(default {d.epochs})")
+    add("--batch_size", type=int, help=f"global batch size, split over processes (default {d.batch_size})")
+    add("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    add("--beta1", type=float, help=f"AdamW beta1 (default {d.beta1})")
+    add("--beta2", type=float, help=f"AdamW beta2 (default {d.beta2})")
+    add("--eps", type=float, help=f"AdamW eps (default {d.eps})")
+    add("--weight_decay", type=float, help=f"(default {d.weight_decay}); never applied to norms, biases, logit scale")
+    add("--num_warmup_steps", type=int, help=f"linear warmup steps (default {d.num_warmup_steps})")
+    add("--loss", type=str, choices=LOSSES, help=f"training objective (default {d.loss})")
+    add("--lambda1", type=float, help="weight of the in-modal rank loss (default 1/16)")
+    add("--lambda2", type=float, help="weight of the cross-modal rank loss (default 1/16)")
+    add("--rank_eps", type=float, help=f"eps inside the Plackett-Luce log (default {d.rank_eps}; 0 = exact)")
+    add("--rank_schedule", type=str, choices=RANK_SCHEDULES, help="rank-loss weight over epochs (default reference)")
+    add("--cylambda1", type=float, help="CyCLIP in-modal cyclic weight (default 0)")
+    add("--cylambda2", type=float, help="CyCLIP cross-modal cyclic weight (default 0)")
+    add("--checkpoint", type=str, help="checkpoint to start from; with no --train_data, evaluate it")
+    add("--resume", type=str, help="'latest' (this run's epoch_latest.pt) or a checkpoint path")
+    return p
+
+
+def _read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file; pass a JSON file of flag values")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON ({e}); write it as {{\"epochs\": 10, ...}}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of flag values")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown keys {unknown}; use the flag names without '--'")
+    return values
+
+
+def _coerce(values: dict) -> dict:
+    """Bring JSON values to the dataclass's types (lists to tuples)."""
+    if values.get("device_ids") is not None:
+        values["device_ids"] = tuple(values["device_ids"])
+    return values
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
+    """Flags (+ optional --config file) -> frozen Config, with start-up checks of the values."""
+    given = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    if not any(k in given for k in DATA_FLAGS):
+        preset = _read_config_file(str(DEMO_PRESET))
+        for key in ("train_data", "validation_data", "eval_test_data_dir"):
+            preset[key] = str(REPO_ROOT / preset[key])  # the demo runs from any working folder
+        values.update(preset, demo=True)
+    if "config" in given:
+        values.update(_read_config_file(given["config"]))
+    values.update(given)
+    if values.get("resume") == "latest" and not values.get("name"):
+        raise ConfigError("--resume latest needs the --name of the run to continue")
+    if not values.get("name"):
+        model = str(values.get("model_name", Config.model_name)).replace("/", "-")
+        values["name"] = f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{model}"
+    cfg = Config(**_coerce(values))
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    """Cheap value checks; file and data checks happen where those are opened."""
+    if cfg.demo:
+        for key in ("train_data", "validation_data", "eval_test_data_dir"):
+            path = getattr(cfg, key)
+            if path and not os.path.exists(path):
+                raise ConfigError(
+                    f"the demo data is missing ({path}); build it with `python utils/make_demo.py`")
+    for key in ("train_data", "validation_data", "checkpoint"):
+        path = getattr(cfg, key)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"--{key} {path}: no such file; check the path")
+    for key in ("eval_test_data_dir", "eval_train_data_dir"):
+        path = getattr(cfg, key)
+        if path is not None and not os.path.isdir(path):
+            raise ConfigError(f"--{key} {path}: no such folder; it must hold labels.csv and classes.py")
+    if cfg.eval_test_data_dir and not cfg.eval_data_type:
+        raise ConfigError("--eval_test_data_dir needs --eval_data_type (e.g. --eval_data_type ImageNet1K)")
+    if cfg.linear_probe:
+        raise ConfigError("--linear_probe is not available in this version; use zero-shot evaluation")
+    if cfg.train_data is None and cfg.checkpoint is None and cfg.resume is None:
+        raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint with --eval_* to evaluate")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"--{key} must be positive, got {value}")
+    for key in ("num_warmup_steps", "num_workers", "weight_decay", "lambda1", "lambda2", "rank_eps",
+                "cylambda1", "cylambda2"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key} must not be negative, got {getattr(cfg, key)}")
+    if len(cfg.delimiter) != 1:
+        raise ConfigError(f"--delimiter must be one character, got {cfg.delimiter!r} (TSV: --delimiter $'\\t')")
+    if cfg.name is not None and (os.sep in cfg.name or cfg.name in ("", ".", "..")):
+        raise ConfigError(f"--name {cfg.name!r} must be a plain folder name")

@@ -1,0 +1,266 @@
+"""Image-caption training data (CSV/TSV), the global-batch sampler, and zero-shot eval folders.
+
+Determinism: the sampler yields `(epoch, index)` pairs and every random transform of a sample
+runs under a torch seed derived from (seed, epoch, index). The batches and their augmentations
+therefore do not depend on the number of workers or processes, and resuming at an epoch
+boundary replays exactly what an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import ConfigError
+
+MAX_SUBSTITUTIONS = 10  # consecutive unreadable images tolerated before a sample gives up
+FAILURE_LIMIT = 0.01  # fraction of an epoch's samples allowed to be unreadable
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A distinct torch seed for every (run seed, epoch, sample index)."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+
+
+def load_image(path: str) -> Optional[Image.Image]:
+    """The image as RGB, or None when it is missing or cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def read_caption_csv(path: str, image_key: str, caption_key: str, delimiter: str) -> tuple[list[str], list[str]]:
+    """Image paths (made absolute against the CSV's folder) and captions, checked at start-up."""
+    flag = f"--delimiter {delimiter!r}"
+    try:
+        frame = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, quoting=0)
+    except pd.errors.EmptyDataError as e:
+        raise ConfigError(f"{path}: the file is empty; it needs a header row and one row per image") from e
+    except pd.errors.ParserError as e:
+        raise ConfigError(f"{path}: cannot be parsed with {flag} ({str(e).strip()}); check --delimiter") from e
+    columns = list(frame.columns)
+    missing = [key for key in (image_key, caption_key) if key not in columns]
+    if missing:
+        other = "\t" if delimiter == "," else ","
+        if len(columns) == 1 and other in columns[0]:
+            raise ConfigError(f"{path}: only one column with {flag}, but the header contains {other!r}; "
+                              f"pass --delimiter {other!r}" + (" (as $'\\t')" if other == "\t" else ""))
+        flags = {image_key: "--image_key", caption_key: "--caption_key"}
+        raise ConfigError(f"{path}: no column {', '.join(repr(m) for m in missing)} "
+                          f"(columns: {', '.join(columns)}); set {' and '.join(flags[m] for m in missing)}")
+    if len(frame) == 0:
+        raise ConfigError(f"{path}: has a header but no rows; it needs one row per image")
+    root = Path(path).resolve().parent
+    images = [str(root / p) for p in frame[image_key].tolist()]
+    probe = images[:16]
+    if not any(os.path.exists(p) for p in probe):
+        raise ConfigError(f"{path}: none of the first {len(probe)} images exist (e.g. {probe[0]}); "
+                          f"paths are absolute or relative to the CSV's folder")
+    return images, frame[caption_key].tolist()
+
+
+class CaptionDataset(Dataset):
+    """(image, tokenized caption) pairs from a CSV; indexed by (epoch, index) for seeded augmentation.
+
+    An unreadable image is replaced by the next readable one (so every batch keeps its size and
+    processes stay in step) and its path is reported with the sample, to be counted.
+    """
+
+    def __init__(self, images: Sequence[str], captions: Sequence[str], transform: Callable, tokenizer: Callable,
+                 seed: int) -> None:
+        self.images, self.captions = list(images), list(captions)
+        self.transform, self.tokenizer, self.seed = transform, tokenizer, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        failed = []
+        for attempt in range(MAX_SUBSTITUTIONS):
+            i = (index + attempt) % len(self)
+            image = load_image(self.images[i])
+            if image is not None:
+                break
+            failed.append(self.images[i])
+        else:
+            raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive images cannot be read, e.g. {failed[:3]}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            pixels = self.transform(image)
+        text = self.tokenizer([self.captions[i]])[0]
+        return {"image": pixels, "text": text, "failed": failed}
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0] if key != "failed"}
+    batch["failed"] = [path for s in samples for path in s["failed"]]
+    return batch
+
+
+class GlobalBatchSampler(Sampler):
+    """Batches of `(epoch, index)` for one process: its slice of each global batch.
+
+    One permutation per epoch, seeded by (seed, epoch), is cut into global batches of
+    `global_batch` samples (the last partial batch is dropped); process `rank` of `world`
+    takes rows [rank·b, (rank+1)·b) of each, b = global_batch / world.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True, drop_last: bool = True) -> None:
+        if global_batch % world:
+            raise ConfigError(f"--batch_size {global_batch} is not divisible by the {world} processes; "
+                              f"use a multiple of {world}")
+        if drop_last and num_samples < global_batch:
+            raise ConfigError(f"--batch_size {global_batch} is larger than the {num_samples} training samples; "
+                              f"use a smaller --batch_size")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.world, self.shuffle, self.drop_last = rank, world, shuffle, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.global_batch)
+        return full + (0 if self.drop_last or rest == 0 else 1)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        local = self.global_batch // self.world
+        for b in range(len(self)):
+            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
+            mine = batch[self.rank * local:(self.rank + 1) * local] if len(batch) == self.global_batch else \
+                batch[self.rank::self.world]
+            yield [(self.epoch, i) for i in mine]
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot evaluation folders (CyCLIP layout): labels.csv (image,label) + classes.py (data).
+
+@dataclass(frozen=True)
+class Template:
+    """A caption template such as `lambda s: f"a photo of a {s}."`, kept as literal parts."""
+
+    parts: tuple[Optional[str], ...]  # None marks where the class name goes
+
+    def __call__(self, name: str) -> str:
+        return "".join(name if part is None else part for part in self.parts)
+
+
+def _template_from_ast(node: ast.AST, where: str) -> Template:
+    ok = isinstance(node, ast.Lambda) and len(node.args.args) == 1 and not node.args.defaults
+    if ok:
+        arg, body = node.args.args[0].arg, node.body
+        pieces = body.values if isinstance(body, ast.JoinedStr) else [body]
+        parts: list[Optional[str]] = []
+        for piece in pieces:
+            if isinstance(piece, ast.Constant) and isinstance(piece.value, str):
+                parts.append(piece.value)
+            elif (isinstance(piece, ast.FormattedValue) and isinstance(piece.value, ast.Name)
+                  and piece.value.id == arg and piece.conversion == -1 and piece.format_spec is None):
+                parts.append(None)
+            else:
+                ok = False
+        if ok:
+            return Template(tuple(parts))
+    raise ConfigError(f"{where}: templates must be lambdas like `lambda s: f\"a photo of a {{s}}.\"`, found "
+                      f"`{ast.unparse(node)[:60]}`")
+
+
+def parse_classes_file(path: str | Path) -> tuple[list[str], list[Template]]:
+    """Read classes.py as data: one dict literal with "classes" (strings) and "templates" (lambdas).
+
+    The file is parsed with `ast` and never executed; anything else in it is refused.
+    """
+    try:
+        tree = ast.parse(Path(path).read_text(), mode="eval")
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: missing; an eval folder needs classes.py") from e
+    except SyntaxError as e:
+        raise ConfigError(f"{path}: must be a single dict literal {{\"classes\": [...], \"templates\": [...]}} "
+                          f"({e.msg}, line {e.lineno})") from e
+    shape = "must be a single dict literal {\"classes\": [...], \"templates\": [...]}"
+    if not isinstance(tree.body, ast.Dict):
+        raise ConfigError(f"{path}: {shape}")
+    entries = {}
+    for key, value in zip(tree.body.keys, tree.body.values):
+        if not (isinstance(key, ast.Constant) and key.value in ("classes", "templates")
+                and isinstance(value, (ast.List, ast.Tuple))):
+            raise ConfigError(f"{path}: {shape}")
+        entries[key.value] = value.elts
+    if set(entries) != {"classes", "templates"}:
+        raise ConfigError(f"{path}: {shape}")
+    classes = []
+    for node in entries["classes"]:
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            raise ConfigError(f"{path}: classes must be strings, found `{ast.unparse(node)[:60]}`")
+        classes.append(node.value)
+    templates = [_template_from_ast(node, str(path)) for node in entries["templates"]]
+    if not classes or not templates:
+        raise ConfigError(f"{path}: needs at least one class and one template")
+    return classes, templates
+
+
+class LabeledImageFolder(Dataset):
+    """labels.csv (image,label) of an eval folder; unreadable images come back as None and are dropped."""
+
+    def __init__(self, root: str | Path, transform: Callable) -> None:
+        root = Path(root)
+        labels = root / "labels.csv"
+        if not labels.is_file():
+            raise ConfigError(f"{root}: missing labels.csv (columns image,label)")
+        images, label_strings = read_caption_csv(str(labels), "image", "label", ",")
+        try:
+            self.labels = [int(v) for v in label_strings]
+        except ValueError as e:
+            raise ConfigError(f"{labels}: labels must be integers ({e})") from e
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, int]]:
+        image = load_image(self.images[index])
+        return None if image is None else (self.transform(image), self.labels[index])
+
+
+def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack readable samples; also return how many were unreadable."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(samples)
+    images = torch.stack([s[0] for s in good])
+    labels = torch.tensor([s[1] for s in good])
+    return images, labels, len(samples) - len(good)
+
+
+def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimiter: str, transform: Callable,
+                         tokenizer: Callable, seed: int, global_batch: int, rank: int, world: int,
+                         num_workers: int, pin_memory: bool, train: bool) -> DataLoader:
+    """Training (shuffled, full global batches) or validation (in order, every sample) loader for a CSV."""
+    images, captions = read_caption_csv(path, image_key, caption_key, delimiter)
+    dataset = CaptionDataset(images, captions, transform, tokenizer, seed)
+    sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, shuffle=train, drop_last=train)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
+                      pin_memory=pin_memory)
+
+
+def build_labeled_loader(root: str, transform: Callable, batch_size: int, num_workers: int,
+                         pin_memory: bool) -> DataLoader:
+    return DataLoader(LabeledImageFolder(root, transform), batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=collate_labeled, pin_memory=pin_memory)

@@ -1,0 +1,94 @@
+"""Run-folder logging: output.log, params.txt, results.jsonl and (optionally) Weights & Biases.
+
+Only the main process writes; other processes get a RunLogger whose methods do nothing, so
+callers never branch on rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+
+from .config import Config
+
+log = logging.getLogger("rankclip")
+
+
+def setup_console_logging(rank: int = 0) -> None:
+    """Console logging for every process: INFO on the main one, warnings and errors elsewhere."""
+    handler = logging.StreamHandler(sys.stdout)
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    handler.setFormatter(logging.Formatter(f"%(asctime)s | {prefix}%(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+
+
+class RunLogger:
+    def __init__(self, cfg: Config, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.run_dir = cfg.run_dir
+        self.wandb = None
+        self.records: list[dict] = []
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(self.run_dir / "output.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(file_handler)
+        with open(self.run_dir / "params.txt", "w") as f:
+            for key, value in sorted(cfg.to_dict().items()):
+                f.write(f"{key}: {value}\n")
+        if cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project="rankclip", name=cfg.name, notes=cfg.notes, config=cfg.to_dict(),
+                                    dir=str(self.run_dir), resume="allow")
+
+    def results(self, epoch: int, split: str, metrics: dict) -> None:
+        """Append one record to results.jsonl (and wandb)."""
+        if not self.enabled:
+            return
+        record = {"epoch": epoch, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        self.records.append(record)
+        with open(self.run_dir / "results.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        log.info(f"epoch {epoch} {split}: {shown}")
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+                           | {"epoch": epoch})
+
+    def step(self, step: int, metrics: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.log({f"train_step/{k}": v for k, v in metrics.items()} | {"step": step})
+
+    def write_json(self, filename: str = "results.json") -> None:
+        """This process's records as one JSON list (evaluation-only runs)."""
+        if self.enabled:
+            (self.run_dir / filename).write_text(json.dumps(self.records, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(value):
+    """JSON-safe value: tensors become floats, NaN stays a float (json writes NaN)."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def progress_interval(num_batches: int, fraction: float = 0.1) -> int:
+    """Log every ~10% of an epoch (at least every batch)."""
+    return max(1, math.ceil(num_batches * fraction))
+

@@ -1,0 +1,133 @@
+"""Entry point: `python -m rankclip.main [flags]`. Parses flags, builds the components, runs them.
+
+This file only wires components together; each component lives in its own module.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import Checkpointer, load_model_weights, restore_training
+from .config import Config, ConfigError, parse_config
+from .data import build_caption_loader, build_labeled_loader, parse_classes_file
+from .distributed import Runtime, launch
+from .evaluate import Evaluator, ZeroShotTask
+from .logger import RunLogger, log, setup_console_logging
+from .losses import build_loss, rank_weight
+from .models import build_model
+from .train import CosineSchedule, DataError, Trainer, autocast, build_optimizer
+
+EVAL_BATCH_SIZE = 256
+
+
+def resume_path(cfg: Config) -> Optional[Path]:
+    """The checkpoint a training run continues from, if any."""
+    if cfg.resume == "latest":
+        path = Checkpointer(cfg.run_dir).latest
+        if not path.is_file():
+            raise ConfigError(f"--resume latest: {path} does not exist; start the run without --resume")
+        return path
+    if cfg.resume is not None:
+        if not Path(cfg.resume).is_file():
+            raise ConfigError(f"--resume {cfg.resume}: no such file; pass 'latest' or a checkpoint path")
+        return Path(cfg.resume)
+    if cfg.checkpoint is not None and cfg.train_data is not None:
+        return Path(cfg.checkpoint)
+    return None
+
+
+def check_run_folder(cfg: Config, resuming: bool) -> None:
+    """Never overwrite another run's checkpoints."""
+    existing = Checkpointer(cfg.run_dir).dir
+    if not resuming and cfg.train_data is not None and existing.is_dir() and any(existing.glob("*.pt")):
+        raise ConfigError(f"{cfg.run_dir} already holds checkpoints; pass --resume latest to continue it "
+                          f"or choose another --name")
+
+
+def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunLogger) -> Evaluator:
+    pin = runtime.device.type == "cuda"
+    validation = None
+    if cfg.validation_data:
+        validation = build_caption_loader(
+            cfg.validation_data, image_key=cfg.image_key, caption_key=cfg.caption_key, delimiter=cfg.delimiter,
+            transform=bundle.val_transform, tokenizer=bundle.tokenizer, seed=cfg.seed,
+            global_batch=min(cfg.batch_size, EVAL_BATCH_SIZE), rank=0, world=1,
+            num_workers=cfg.num_workers, pin_memory=pin, train=False)
+    tasks = []
+    if cfg.eval_test_data_dir:
+        classes, templates = parse_classes_file(Path(cfg.eval_test_data_dir) / "classes.py")
+        loader = build_labeled_loader(cfg.eval_test_data_dir, bundle.val_transform, EVAL_BATCH_SIZE,
+                                      cfg.num_workers, pin)
+        tasks.append(ZeroShotTask(cfg.eval_data_type, loader, classes, templates))
+    return Evaluator(device=runtime.device, autocast=partial(autocast, runtime.device, cfg.precision),
+                     loss_fn=loss_fn, validation_loader=validation, tasks=tasks, tokenizer=bundle.tokenizer,
+                     logger=logger, enabled=runtime.is_main)
+
+
+def run(runtime: Runtime, cfg: Config) -> None:
+    """One process's whole job: build everything, then train (or only evaluate)."""
+    setup_console_logging(runtime.rank)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    resume_from = resume_path(cfg)
+    check_run_folder(cfg, resuming=resume_from is not None)
+    logger = RunLogger(cfg, enabled=runtime.is_main)
+    log.info(f"run folder {cfg.run_dir} | {runtime.describe()}" + (" | bundled demo" if cfg.demo else ""))
+
+    bundle = build_model(cfg.model_name, cfg.pretrained, runtime.device)
+    loss_fn = build_loss(cfg.loss, lambda1=cfg.lambda1, lambda2=cfg.lambda2, rank_eps=cfg.rank_eps,
+                         cylambda1=cfg.cylambda1, cylambda2=cfg.cylambda2)
+    evaluator = build_evaluator(cfg, runtime, bundle, loss_fn, logger)
+    log.info(f"model {cfg.model_name} ({bundle.open_clip_name}), "
+             f"{sum(p.numel() for p in bundle.model.parameters()) / 1e6:.2f}M parameters, loss {cfg.loss}")
+
+    if cfg.train_data is None:  # evaluation only
+        obj = load_model_weights(bundle.model, cfg.checkpoint) if cfg.checkpoint else {}
+        epoch = int(obj.get("epoch", 0))
+        evaluator.run(bundle.model, epoch=epoch, rank_weight=rank_weight(epoch, cfg.epochs, cfg.rank_schedule))
+        logger.write_json()
+        logger.close()
+        return
+
+    loader = build_caption_loader(
+        cfg.train_data, image_key=cfg.image_key, caption_key=cfg.caption_key, delimiter=cfg.delimiter,
+        transform=bundle.train_transform, tokenizer=bundle.tokenizer, seed=cfg.seed, global_batch=cfg.batch_size,
+        rank=runtime.rank, world=runtime.world_size, num_workers=cfg.num_workers,
+        pin_memory=runtime.device.type == "cuda", train=True)
+    optimizer = build_optimizer(bundle.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
+    use_scaler = runtime.device.type == "cuda" and cfg.precision == "amp"
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    checkpointer = Checkpointer(cfg.run_dir, enabled=runtime.is_main)
+    start_epoch, step = 1, 0
+    if resume_from is not None:
+        obj = load_model_weights(bundle.model, resume_from)
+        start_epoch, step = restore_training(obj, optimizer, scaler, checkpointer, len(loader))
+        log.info(f"resumed from {resume_from} at epoch {start_epoch}, step {step}")
+
+    trainer = Trainer(
+        model=runtime.wrap(bundle.model), unwrapped=bundle.model, optimizer=optimizer, scaler=scaler,
+        schedule=CosineSchedule(cfg.lr, cfg.num_warmup_steps, cfg.epochs * len(loader)), loss_fn=loss_fn,
+        loader=loader, evaluator=evaluator, checkpointer=checkpointer, logger=logger, runtime=runtime, cfg=cfg,
+        step=step)
+    trainer.fit(start_epoch)
+    logger.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        launch(run, cfg)
+    except (ConfigError, DataError) as e:
+        print(f"rankclip: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Model, tokenizer and image transforms, all from open_clip's model zoo.
+
+The seed's names (RN50, RN101, RN50x4, ViT-B/32) map to open_clip's `-quickgelu` twins, the
+architectures whose state dicts match OpenAI's and RankCLIP's released checkpoints. The JSON
+files in configs/ (tiny-vit, tiny-rn) are registered as extra open_clip models.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import open_clip
+import torch
+
+from .checkpoint import load_model_weights
+from .config import REPO_ROOT, ConfigError
+
+SEED_MODEL_NAMES = {
+    "RN50": "RN50-quickgelu",
+    "RN101": "RN101-quickgelu",
+    "RN50x4": "RN50x4-quickgelu",
+    "ViT-B/32": "ViT-B-32-quickgelu",
+}
+OPENAI_WEIGHTS = "openai"
+
+open_clip.add_model_config(REPO_ROOT / "configs")
+
+
+@dataclass
+class ModelBundle:
+    model: torch.nn.Module
+    train_transform: Callable
+    val_transform: Callable
+    tokenizer: Callable
+    open_clip_name: str
+
+
+def resolve_model_name(name: str) -> str:
+    """Seed name, open_clip name ('ViT-B/16' spelled with a slash too) or configs/ JSON -> open_clip name."""
+    if name in SEED_MODEL_NAMES:
+        return SEED_MODEL_NAMES[name]
+    known = open_clip.list_models()
+    candidate = name.replace("/", "-")
+    if candidate in known:
+        return candidate
+    close = difflib.get_close_matches(candidate, known + list(SEED_MODEL_NAMES), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
+    raise ConfigError(f"--model_name {name}: unknown model; {hint} (or one of {', '.join(SEED_MODEL_NAMES)}, tiny-vit, tiny-rn)")
+
+
+def build_model(name: str, pretrained: Optional[str] = None, device: torch.device = torch.device("cpu")) -> ModelBundle:
+    """Create the model with fp32 weights (autocast handles mixed precision) on `device`."""
+    open_clip_name = resolve_model_name(name)
+    openai = pretrained == OPENAI_WEIGHTS
+    if pretrained and not openai:
+        # A local file: build the architecture, then import the weights strictly.
+        _check_weights_file(pretrained)
+    try:
+        model, train_transform, val_transform = open_clip.create_model_and_transforms(
+            open_clip_name, pretrained=OPENAI_WEIGHTS if openai else None, device=device)
+    except Exception as e:  # open_clip raises many kinds when a download is impossible
+        if not openai:
+            raise
+        raise ConfigError(
+            f"--pretrained: OpenAI weights for {open_clip_name} are not in open_clip's cache and cannot be "
+            f"downloaded here ({type(e).__name__}); download them on a machine with network and pass "
+            f"--pretrained PATH/TO/weights.pt") from e
+    if pretrained and not openai:
+        load_model_weights(model, pretrained)
+    tokenizer = open_clip.get_tokenizer(open_clip_name)
+    return ModelBundle(model, train_transform, val_transform, tokenizer, open_clip_name)
+
+
+def _check_weights_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--pretrained {path}: no such file; pass a weights file, or --pretrained alone for OpenAI's")

@@ -1,0 +1,195 @@
+"""The training loop: batch -> forward -> loss -> backward -> step -> log, plus optimizer and schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpointer
+from .data import FAILURE_LIMIT
+from .distributed import Runtime
+from .evaluate import Evaluator
+from .logger import RunLogger, log, progress_interval
+from .losses import rank_weight
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+class DataError(RuntimeError):
+    """Too much of the training data cannot be read."""
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the seed's groups: no weight decay on norms (bn/ln), biases, the logit scale and 1-D params."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(param)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """Linear warmup from step 0, then cosine decay that is exactly 0 at the last step.
+
+    Steps are 0 .. total_steps-1. Warmup: lr·(step+1)/warmup. The reference code's cosine never
+    reaches 0 (it ends one step early); here the last step's lr is 0 whenever total_steps ≥ 2.
+    """
+
+    base_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        warmup = min(self.warmup_steps, self.total_steps - 1)
+        if step < warmup:
+            return self.base_lr * (step + 1) / warmup
+        decay_steps = self.total_steps - 1 - warmup
+        if decay_steps <= 0:  # nothing but the last step follows warmup (a one-step run keeps its lr)
+            return 0.0 if self.total_steps > 1 else self.base_lr
+        progress = min(step - warmup, decay_steps) / decay_steps
+        return 0.5 * self.base_lr * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA only; CPU always runs fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
+    """One forward pass over images and captions (and their augmented views when present).
+
+    Features come back fp32 whatever the autocast dtype: the loss math is always fp32.
+    """
+    images, texts = batch["image"], batch["text"]
+    augmented = "augmented_image" in batch
+    if augmented:
+        images = torch.cat([images, batch["augmented_image"]])
+        texts = torch.cat([texts, batch["augmented_text"]])
+    with autocast(device, precision):
+        image_features, text_features, logit_scale = model(images.to(device, non_blocking=True),
+                                                           texts.to(device, non_blocking=True))
+    out = {"logit_scale": logit_scale.float()}
+    if augmented:
+        n = batch["image"].shape[0]
+        out["augmented_image_features"] = image_features[n:].float()
+        out["augmented_text_features"] = text_features[n:].float()
+        image_features, text_features = image_features[:n], text_features[:n]
+    out["image_features"], out["text_features"] = image_features.float(), text_features.float()
+    return out
+
+
+class FailureCounter:
+    """Counts unreadable training images per epoch and stops the run past FAILURE_LIMIT."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+        self.failed: set[str] = set()
+
+    def add(self, paths: list[str]) -> None:
+        self.failed.update(paths)
+        if len(self.failed) > FAILURE_LIMIT * self.num_samples:
+            examples = ", ".join(sorted(self.failed)[:3])
+            raise DataError(f"{len(self.failed)} of {self.num_samples} training images cannot be read "
+                            f"(over {FAILURE_LIMIT:.0%}), e.g. {examples}; fix or remove them from the CSV")
+
+
+@dataclass
+class Trainer:
+    """Owns one run's training state; `fit` runs the epochs, evaluates and checkpoints."""
+
+    model: torch.nn.Module  # possibly DDP-wrapped
+    unwrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    schedule: Callable[[int], float]
+    loss_fn: torch.nn.Module
+    loader: torch.utils.data.DataLoader  # its batch_sampler is a GlobalBatchSampler
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    logger: RunLogger
+    runtime: Runtime
+    cfg: object  # rankclip.config.Config
+    step: int = 0
+
+    def fit(self, start_epoch: int) -> None:
+        epochs = self.cfg.epochs
+        if start_epoch == 1:
+            self.evaluator.run(self.unwrapped, epoch=0, rank_weight=rank_weight(0, epochs, self.cfg.rank_schedule))
+        for epoch in range(start_epoch, epochs + 1):
+            weight = rank_weight(epoch, epochs, self.cfg.rank_schedule)
+            train_metrics = self.train_epoch(epoch, weight)
+            self.logger.results(epoch, "train", train_metrics)
+            validation_loss = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
+            self.checkpointer.save(epoch=epoch, step=self.step, cfg=self.cfg, model=self.unwrapped,
+                                   optimizer=self.optimizer, scaler=self.scaler, validation_loss=validation_loss)
+
+    def train_epoch(self, epoch: int, weight: float) -> dict:
+        self.model.train()
+        self.loader.batch_sampler.set_epoch(epoch)
+        device, precision = self.runtime.device, self.cfg.precision
+        num_batches = len(self.loader)
+        every = progress_interval(num_batches)
+        failures = FailureCounter(self.loader.batch_sampler.num_samples)
+        totals: dict[str, float] = {}
+        seen = 0
+        start = interval_start = time.perf_counter()
+        interval_samples = 0
+        bar = tqdm(self.loader, desc=f"epoch {epoch}", disable=not self.runtime.is_main, leave=False)
+        for i, batch in enumerate(bar):
+            failures.add(batch["failed"])
+            lr = self.schedule(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+            features = encode_batch(self.model, batch, device, precision)
+            losses = self.loss_fn(**features, rank_weight=weight)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(losses["loss"]).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                losses["loss"].backward()
+                self.optimizer.step()
+            with torch.no_grad():  # the seed's clamp: the temperature never exceeds 100
+                self.unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            self.step += 1
+
+            n = batch["image"].shape[0] * self.runtime.world_size
+            seen += n
+            interval_samples += n
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value.item() * n
+            bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{lr:.2e}")
+            if (i + 1) % every == 0 or i + 1 == num_batches:
+                now = time.perf_counter()
+                parts = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
+                rate = interval_samples / max(now - interval_start, 1e-9)
+                log.info(f"epoch {epoch} [{i + 1}/{num_batches}] {parts} lr {lr:.3e} "
+                         f"logit_scale {features['logit_scale'].item():.2f} samples/s {rate:.1f}")
+                self.logger.step(self.step, {k: v.item() for k, v in losses.items()} | {"lr": lr})
+                interval_start, interval_samples = time.perf_counter(), 0
+        bar.close()
+        elapsed = time.perf_counter() - start
+        metrics = {k: v / max(seen, 1) for k, v in totals.items()}
+        metrics.update(lr=lr, rank_weight=weight, samples_per_second=seen / max(elapsed, 1e-9),
+                       skipped_samples=len(failures.failed), step=self.step)
+        if failures.failed:
+            log.warning(f"epoch {epoch}: skipped {len(failures.failed)} unreadable images, e.g. "
+                        f"{sorted(failures.failed)[0]}")
+        return metrics

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny image-caption dataset with real signal (colour names), written to disk."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+PHRASES = ["a photo of a {} square", "{} colour", "something {}", "a {} picture"]
+
+
+def write_colour_images(folder: Path, count: int, seed: int) -> list[tuple[str, int]]:
+    """`count` noisy 32x32 images of one colour each; returns (relative path, class index)."""
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        label = i % len(names)
+        base = COLOURS[names[label]]
+        image = Image.new("RGB", (32, 32), tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in base))
+        name = f"{seed}_{i}.png"
+        image.save(folder / name)
+        rows.append((f"{folder.name}/{name}", label))
+    return rows
+
+
+def write_caption_csv(root: Path, name: str, count: int, seed: int, delimiter: str = ",") -> Path:
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    rows = write_colour_images(root / f"images_{name}", count, seed)
+    path = root / f"{name}.csv"
+    with open(path, "w") as f:
+        f.write(f"image{delimiter}caption\n")
+        for image, label in rows:
+            f.write(f"{image}{delimiter}{rng.choice(PHRASES).format(names[label])}\n")
+    return path
+
+
+def write_zeroshot_folder(root: Path, count: int, seed: int) -> Path:
+    folder = root / "zeroshot"
+    rows = write_colour_images(folder / "images", count, seed)
+    with open(folder / "labels.csv", "w") as f:
+        f.write("image,label\n")
+        for image, label in rows:
+            f.write(f"images/{Path(image).name},{label}\n")
+    classes = ", ".join(f'"{c}"' for c in COLOURS)
+    (folder / "classes.py").write_text(
+        '{"classes": [' + classes + '], "templates": [lambda s: f"a photo of a {s} square.", '
+        'lambda s: f"{s} colour"]}\n')
+    return folder
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory) -> dict:
+    """train.csv (256 rows), validation.csv (64 rows) and a zero-shot folder (64 images)."""
+    root = tmp_path_factory.mktemp("colours")
+    return {
+        "root": root,
+        "train": write_caption_csv(root, "train", 256, seed=1),
+        "validation": write_caption_csv(root, "validation", 64, seed=2),
+        "zeroshot": write_zeroshot_folder(root, 64, seed=3),
+    }

@@ -1,0 +1,143 @@
+"""End-to-end runs of `python -m rankclip.main` on tiny-vit and the colour fixture (in-process for speed)."""
+
+import json
+import shutil
+
+import open_clip
+import pytest
+import torch
+
+from rankclip.checkpoint import read_checkpoint
+from rankclip.main import main
+
+EPOCHS = 4
+
+
+def flags(data, logs, name, *extra, evaluate=True):
+    evaluation = ["--validation_data", str(data["validation"]), "--eval_data_type", "ImageNet1K",
+                  "--eval_test_data_dir", str(data["zeroshot"])] if evaluate else []
+    return ["--train_data", str(data["train"]), *evaluation,
+            "--model_name", "tiny-vit", "--logs", str(logs), "--name", name, "--num_workers", "0",
+            "--batch_size", "32", "--lr", "2e-3", "--num_warmup_steps", "4", "--epochs", str(EPOCHS),
+            "--device", "cpu", "--loss", "clip", *extra]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(colour_data, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    assert main(flags(colour_data, logs, "trained")) == 0
+    return logs / "trained"
+
+
+def test_run_folder_has_the_contract_files(trained):
+    assert {p.name for p in trained.iterdir()} >= {"output.log", "params.txt", "results.jsonl", "checkpoints"}
+    names = {p.name for p in (trained / "checkpoints").iterdir()}
+    assert names == {f"epoch_{e}.pt" for e in range(1, EPOCHS + 1)} | {"epoch_latest.pt", "epoch.best.pt"}
+    assert "model_name: tiny-vit" in (trained / "params.txt").read_text()
+    assert "samples/s" in (trained / "output.log").read_text()
+
+
+def test_results_cover_every_epoch_and_split(trained):
+    rows = records(trained)
+    assert {(r["epoch"], r["split"]) for r in rows} == (
+        {(0, "validation"), (0, "eval")} | {(e, s) for e in range(1, EPOCHS + 1) for s in ("train", "validation", "eval")})
+    train = [r for r in rows if r["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert train[-1]["lr"] == 0.0  # the cosine schedule ends exactly at zero
+    assert all(r["skipped_samples"] == 0 for r in train)
+
+
+def test_zero_shot_accuracy_rises_above_chance(trained):
+    evals = [r for r in records(trained) if r["split"] == "eval"]
+    assert evals[-1]["num_classes"] == 4 and evals[-1]["eval_data_type"] == "ImageNet1K"
+    assert evals[-1]["zeroshot_top1"] >= 0.75, evals  # chance is 0.25
+    assert evals[-1]["zeroshot_top1"] > evals[0]["zeroshot_top1"]
+    assert evals[-1]["zeroshot_top3"] >= evals[-1]["zeroshot_top1"]
+    assert evals[-1]["zeroshot_top10"] == 1.0  # k beyond the class count is capped
+
+
+def test_checkpoint_loads_strictly_into_open_clip(trained):
+    ckpt = read_checkpoint(trained / "checkpoints" / "epoch_latest.pt")
+    assert ckpt["epoch"] == EPOCHS and ckpt["name"] == "trained" and ckpt["model_name"] == "tiny-vit"
+    assert {"optimizer", "scaler", "step", "config", "rng"} <= set(ckpt)
+    model = open_clip.create_model("tiny-vit")
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+
+
+def test_resume_is_bit_exact(trained, colour_data, tmp_path):
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    shutil.copy(trained / "checkpoints" / "epoch_2.pt", resumed / "epoch_latest.pt")
+    assert main(flags(colour_data, tmp_path, "resumed", "--resume", "latest")) == 0
+    straight = read_checkpoint(trained / "checkpoints" / f"epoch_{EPOCHS}.pt")
+    again = read_checkpoint(resumed / f"epoch_{EPOCHS}.pt")
+    assert again["step"] == straight["step"]
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, again["state_dict"][key]), key
+    first, second = straight["optimizer"]["state"], again["optimizer"]["state"]
+    assert all(torch.equal(first[i]["exp_avg_sq"], second[i]["exp_avg_sq"]) for i in first)
+    assert [r["epoch"] for r in records(tmp_path / "resumed") if r["split"] == "train"] == [3, 4]
+
+
+def test_evaluation_only_run_reproduces_the_training_eval(trained, colour_data, tmp_path):
+    argv = ["--checkpoint", str(trained / "checkpoints" / "epoch_3.pt"), "--model_name", "tiny-vit",
+            "--eval_data_type", "ImageNet1K", "--eval_test_data_dir", str(colour_data["zeroshot"]),
+            "--logs", str(tmp_path), "--name", "eval", "--num_workers", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    during = next(r for r in records(trained) if r["split"] == "eval" and r["epoch"] == 3)
+    assert result == [during]
+    assert not (tmp_path / "eval" / "checkpoints").exists()
+
+
+def test_existing_run_is_not_overwritten(trained, colour_data, capsys):
+    assert main(flags(colour_data, trained.parent, "trained")) == 2
+    assert "already holds checkpoints; pass --resume latest" in capsys.readouterr().err
+
+
+def test_unreadable_images_are_skipped_then_fatal_past_one_percent(colour_data, tmp_path, capsys):
+    lines = colour_data["train"].read_text().splitlines()
+    root = colour_data["root"]
+
+    def write(name, broken):
+        rows = [lines[0]] + [f"missing_{i}.png,a red square" if i % 10 == 9 and i < 10 * broken else line
+                             for i, line in enumerate(lines[1:])]
+        path = root / name
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
+    data = dict(colour_data, train=write("two_broken.csv", 2))
+    assert main(flags(data, tmp_path, "skips", "--epochs", "1", evaluate=False)) == 0
+    train = [r for r in records(tmp_path / "skips") if r["split"] == "train"]
+    assert train[0]["skipped_samples"] == 2
+    data = dict(colour_data, train=write("many_broken.csv", 20))
+    assert main(flags(data, tmp_path, "fails", "--epochs", "1", evaluate=False)) == 2
+    assert "training images cannot be read (over 1%), e.g." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--image_key", "path"], "no column 'path' (columns: image, caption); set --image_key"),
+    (["--model_name", "ViT-B-23"], "--model_name ViT-B-23: unknown model; did you mean"),
+    (["--train_data", "/nonexistent/train.csv"], "--train_data /nonexistent/train.csv: no such file"),
+    (["--batch_size", "1000"], "--batch_size 1000 is larger than the 256 training samples"),
+    (["--delimiter", ";"], "pass --delimiter ','"),
+])
+def test_bad_input_is_one_clear_line(colour_data, tmp_path, capsys, change, message):
+    argv = flags(colour_data, tmp_path, "bad")
+    for i in range(0, len(change), 2):
+        argv[argv.index(change[i]) + 1] = change[i + 1]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_empty_csv_is_refused(colour_data, tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert main(flags(dict(colour_data, train=empty), tmp_path, "empty")) == 2
+    assert "the file is empty" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+import shutil
+
+import pytest
+import torch
+
+from rankclip.config import ConfigError
+from rankclip.data import (CaptionDataset, GlobalBatchSampler, LabeledImageFolder, collate_labeled,
+                           parse_classes_file, read_caption_csv)
+
+
+def to_tensor(image):
+    """A random transform: a draw from torch's RNG next to a pixel, to check per-sample seeding."""
+    return torch.tensor([float(torch.randint(0, 1000, ())), *image.getpixel((0, 0))])
+
+
+def fake_tokenizer(texts):
+    return torch.tensor([[len(t)] for t in texts])
+
+
+def test_csv_paths_are_relative_to_the_csv_folder(colour_data):
+    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    assert len(images) == len(captions) == 256
+    assert images[0].startswith(str(colour_data["root"]))
+
+
+def test_missing_column_lists_the_columns(colour_data):
+    with pytest.raises(ConfigError, match=r"no column 'text' \(columns: image, caption\); set --caption_key"):
+        read_caption_csv(str(colour_data["train"]), "image", "text", ",")
+
+
+def test_wrong_delimiter_says_which_to_use(tmp_path, colour_data):
+    tsv = tmp_path / "data.tsv"
+    tsv.write_text(colour_data["train"].read_text().replace(",", "\t"))
+    with pytest.raises(ConfigError, match=r"pass --delimiter '\\t'"):
+        read_caption_csv(str(tsv), "image", "caption", ",")
+
+
+def test_empty_and_header_only_files(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        read_caption_csv(str(empty), "image", "caption", ",")
+    header = tmp_path / "header.csv"
+    header.write_text("image,caption\n")
+    with pytest.raises(ConfigError, match="no rows"):
+        read_caption_csv(str(header), "image", "caption", ",")
+
+
+def test_images_that_do_not_exist_are_caught_at_start_up(tmp_path):
+    path = tmp_path / "moved.csv"
+    path.write_text("image,caption\nmissing/a.png,a cat\nmissing/b.png,a dog\n")
+    with pytest.raises(ConfigError, match="none of the first 2 images exist"):
+        read_caption_csv(str(path), "image", "caption", ",")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_split_the_same_global_batches(world):
+    single = list(GlobalBatchSampler(50, 8, seed=3))
+    shards = [list(GlobalBatchSampler(50, 8, seed=3, rank=r, world=world)) for r in range(world)]
+    assert len(single) == 6  # the partial last batch is dropped
+    for b, batch in enumerate(single):
+        assert sum((shard[b] for shard in shards), []) == batch
+
+
+def test_sampler_order_depends_on_epoch_and_seed_only():
+    sampler = GlobalBatchSampler(40, 10, seed=0)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    again = GlobalBatchSampler(40, 10, seed=0)
+    again.set_epoch(1)
+    assert list(again) == first
+    assert {i for batch in first for _, i in batch} == set(range(40))
+
+
+def test_sampler_refuses_impossible_batches():
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+        GlobalBatchSampler(100, 8, seed=0, world=3)
+    with pytest.raises(ConfigError, match="larger than the 5 training samples"):
+        GlobalBatchSampler(5, 8, seed=0)
+
+
+def test_validation_sampler_keeps_every_sample_in_order():
+    batches = list(GlobalBatchSampler(10, 4, seed=0, shuffle=False, drop_last=False))
+    assert [[i for _, i in b] for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_augmentation_is_seeded_per_sample(colour_data):
+    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    dataset = CaptionDataset(images, captions, to_tensor, fake_tokenizer, seed=0)
+    a = dataset[(1, 5)]["image"]
+    torch.manual_seed(123)  # the global RNG must not matter
+    dataset[(1, 4)]
+    assert torch.equal(dataset[(1, 5)]["image"], a)
+    draws = {dataset[(epoch, 5)]["image"][0].item() for epoch in range(12)}
+    assert len(draws) > 1  # but epochs draw different augmentations
+
+
+def test_unreadable_image_is_replaced_and_reported(tmp_path, colour_data):
+    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    images[3], images[4] = str(broken), str(tmp_path / "gone.png")
+    dataset = CaptionDataset(images, captions, to_tensor, fake_tokenizer, seed=0)
+    sample = dataset[(0, 3)]
+    assert sample["failed"] == [str(broken), str(tmp_path / "gone.png")]
+    assert torch.equal(sample["text"], fake_tokenizer([captions[5]])[0])
+    assert dataset[(0, 2)]["failed"] == []
+
+
+def test_classes_file_is_parsed_as_data(tmp_path):
+    path = tmp_path / "classes.py"
+    path.write_text('{"classes": ["cat", "dog"], "templates": [lambda s: f"a photo of a {s}.", lambda c: f"{c}"]}')
+    classes, templates = parse_classes_file(path)
+    assert classes == ["cat", "dog"]
+    assert [t("cat") for t in templates] == ["a photo of a cat.", "cat"]
+
+
+@pytest.mark.parametrize("content", [
+    '__import__("pathlib").Path("{marker}").touch()',
+    '{{"classes": [__import__("pathlib").Path("{marker}").touch()], "templates": [lambda s: s]}}',
+    '{{"classes": ["a"], "templates": [lambda s: __import__("pathlib").Path("{marker}").touch()]}}',
+    '{{"classes": ["a"], "templates": [lambda s: f"{{s!r}}"]}}',
+    'import os\n{{"classes": ["a"], "templates": [lambda s: s]}}',
+])
+def test_classes_file_with_code_is_refused_without_running_it(tmp_path, content):
+    marker = tmp_path / "executed"
+    path = tmp_path / "classes.py"
+    path.write_text(content.format(marker=marker))
+    with pytest.raises(ConfigError, match="classes.py"):
+        parse_classes_file(path)
+    assert not marker.exists()
+
+
+def test_labeled_folder_drops_unreadable_images(colour_data, tmp_path):
+    folder = tmp_path / "zs"
+    shutil.copytree(colour_data["zeroshot"], folder)
+    first = (folder / "labels.csv").read_text().splitlines()[1].split(",")[0]
+    (folder / first).write_bytes(b"garbage")
+    dataset = LabeledImageFolder(folder, to_tensor)
+    assert len(dataset) == 64 and dataset[0] is None
+    images, labels, bad = collate_labeled([dataset[i] for i in range(4)])
+    assert (images.shape[0], bad) == (3, 1)
+    assert labels.tolist() == [1, 2, 3]
