@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .augment import AugmentedImage, augment_caption
 from .config import ConfigError
 
 MAX_SUBSTITUTIONS = 10  # consecutive unreadable images tolerated before a sample gives up
@@ -77,9 +79,10 @@ class CaptionDataset(Dataset):
     """
 
     def __init__(self, images: Sequence[str], captions: Sequence[str], transform: Callable, tokenizer: Callable,
-                 seed: int) -> None:
+                 seed: int, inmodal: bool = False) -> None:
         self.images, self.captions = list(images), list(captions)
         self.transform, self.tokenizer, self.seed = transform, tokenizer, seed
+        self.augmented_transform = AugmentedImage(transform) if inmodal else None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -95,11 +98,16 @@ class CaptionDataset(Dataset):
             failed.append(self.images[i])
         else:
             raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive images cannot be read, e.g. {failed[:3]}")
+        seed = sample_seed(self.seed, epoch, index)
+        sample = {"text": self.tokenizer([self.captions[i]])[0], "failed": failed}
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            pixels = self.transform(image)
-        text = self.tokenizer([self.captions[i]])[0]
-        return {"image": pixels, "text": text, "failed": failed}
+            torch.manual_seed(seed)
+            sample["image"] = self.transform(image)
+            if self.augmented_transform is not None:
+                sample["augmented_image"] = self.augmented_transform(image)
+                caption = augment_caption(self.captions[i], random.Random(seed))
+                sample["augmented_text"] = self.tokenizer([caption])[0]
+        return sample
 
 
 def collate_samples(samples: list[dict]) -> dict:
@@ -251,10 +259,10 @@ def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimiter: str, transform: Callable,
                          tokenizer: Callable, seed: int, global_batch: int, rank: int, world: int,
-                         num_workers: int, pin_memory: bool, train: bool) -> DataLoader:
+                         num_workers: int, pin_memory: bool, train: bool, inmodal: bool = False) -> DataLoader:
     """Training (shuffled, full global batches) or validation (in order, every sample) loader for a CSV."""
     images, captions = read_caption_csv(path, image_key, caption_key, delimiter)
-    dataset = CaptionDataset(images, captions, transform, tokenizer, seed)
+    dataset = CaptionDataset(images, captions, transform, tokenizer, seed, inmodal)
     sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, shuffle=train, drop_last=train)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
                       pin_memory=pin_memory)

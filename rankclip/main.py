@@ -99,7 +99,7 @@ def run(runtime: Runtime, cfg: Config) -> None:
         cfg.train_data, image_key=cfg.image_key, caption_key=cfg.caption_key, delimiter=cfg.delimiter,
         transform=bundle.train_transform, tokenizer=bundle.tokenizer, seed=cfg.seed, global_batch=cfg.batch_size,
         rank=runtime.rank, world=runtime.world_size, num_workers=cfg.num_workers,
-        pin_memory=runtime.device.type == "cuda", train=True)
+        pin_memory=runtime.device.type == "cuda", train=True, inmodal=cfg.inmodal)
     optimizer = build_optimizer(bundle.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
     use_scaler = runtime.device.type == "cuda" and cfg.precision == "amp"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
