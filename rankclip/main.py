@@ -16,12 +16,12 @@ import torch
 from .checkpoint import Checkpointer, load_model_weights, restore_training
 from .config import Config, ConfigError, parse_config
 from .data import build_caption_loader, build_labeled_loader, parse_classes_file
-from .distributed import Runtime, launch
+from .distributed import Runtime, launch, process_label
 from .evaluate import Evaluator, ZeroShotTask
 from .logger import RunLogger, log, setup_console_logging
 from .losses import build_loss, rank_weight
 from .models import build_model
-from .train import CosineSchedule, DataError, Trainer, autocast, build_optimizer
+from .train import CosineSchedule, Trainer, autocast, build_optimizer
 
 EVAL_BATCH_SIZE = 256
 
@@ -78,7 +78,8 @@ def run(runtime: Runtime, cfg: Config) -> None:
     resume_from = resume_path(cfg)
     check_run_folder(cfg, resuming=resume_from is not None)
     logger = RunLogger(cfg, enabled=runtime.is_main)
-    log.info(f"run folder {cfg.run_dir} | {runtime.describe()}" + (" | bundled demo" if cfg.demo else ""))
+    log.info(f"run folder {cfg.run_dir} | {runtime.describe()} | per-process batch "
+             f"{cfg.batch_size // runtime.world_size}" + (" | bundled demo" if cfg.demo else ""))
 
     bundle = build_model(cfg.model_name, cfg.pretrained, runtime.device)
     loss_fn = build_loss(cfg.loss, lambda1=cfg.lambda1, lambda2=cfg.lambda2, rank_eps=cfg.rank_eps,
@@ -123,8 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_config(argv)
         launch(run, cfg)
-    except (ConfigError, DataError) as e:
-        print(f"rankclip: error: {e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"rankclip: error: {process_label()}{e}", file=sys.stderr)
         return 2
     return 0
 

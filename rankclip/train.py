@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpointer
+from .config import ConfigError
 from .data import FAILURE_LIMIT
 from .distributed import Runtime
 from .evaluate import Evaluator
@@ -21,8 +22,8 @@ from .losses import rank_weight
 MAX_LOGIT_SCALE = math.log(100)
 
 
-class DataError(RuntimeError):
-    """Too much of the training data cannot be read."""
+class DataError(ConfigError):
+    """Too much of the training data cannot be read (reported like a configuration error: one line)."""
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float,
@@ -129,6 +130,7 @@ class Trainer:
         epochs = self.cfg.epochs
         if start_epoch == 1:
             self.evaluator.run(self.unwrapped, epoch=0, rank_weight=rank_weight(0, epochs, self.cfg.rank_schedule))
+            self.runtime.barrier()
         for epoch in range(start_epoch, epochs + 1):
             weight = rank_weight(epoch, epochs, self.cfg.rank_schedule)
             train_metrics = self.train_epoch(epoch, weight)
@@ -136,6 +138,7 @@ class Trainer:
             validation_loss = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
             self.checkpointer.save(epoch=epoch, step=self.step, cfg=self.cfg, model=self.unwrapped,
                                    optimizer=self.optimizer, scaler=self.scaler, validation_loss=validation_loss)
+            self.runtime.barrier()  # the other ranks wait while rank 0 evaluates and saves
 
     def train_epoch(self, epoch: int, weight: float) -> dict:
         self.model.train()
@@ -186,9 +189,14 @@ class Trainer:
                 interval_start, interval_samples = time.perf_counter(), 0
         bar.close()
         elapsed = time.perf_counter() - start
-        metrics = {k: v / max(seen, 1) for k, v in totals.items()}
-        metrics.update(lr=lr, rank_weight=weight, samples_per_second=seen / max(elapsed, 1e-9),
-                       skipped_samples=len(failures.failed), step=self.step)
+        # Each rank's loss is its rows' share of the global loss: the mean over ranks is the global value.
+        keys = sorted(totals)
+        summed = self.runtime.all_sum([totals[k] / self.runtime.world_size for k in keys] + [len(failures.failed)])
+        metrics = {k: v / max(seen, 1) for k, v in zip(keys, summed)}
+        rate = seen / max(elapsed, 1e-9)
+        metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,
+                       samples_per_second_per_process=rate / self.runtime.world_size,
+                       skipped_samples=int(summed[-1]), step=self.step)
         if failures.failed:
             log.warning(f"epoch {epoch}: skipped {len(failures.failed)} unreadable images, e.g. "
                         f"{sorted(failures.failed)[0]}")

@@ -1,0 +1,117 @@
+"""Real multi-process runs on the CPU with gloo, through torchrun and the CLI."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rankclip.checkpoint import read_checkpoint
+
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(data, logs, name, nproc, *extra):
+    """`torchrun --nproc_per_node nproc -m rankclip.main ...`, or plain python for one process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "rankclip.main"]
+    if nproc == 1:
+        launcher = [sys.executable, "-m", "rankclip.main"]
+    return launcher + ["--train_data", str(data["train"]), "--model_name", "tiny-vit", "--logs_dir", str(logs),
+                       "--name", name, "--num_workers", "0", "--batch_size", "32", "--epochs", "1",
+                       "--lr", "1e-3", "--num_warmup_steps", "2", "--device", "cpu", *extra]
+
+
+def run(cmd, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, **kwargs)
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    num = sum((a[k].double() - b[k].double()).square().sum() for k in a)
+    den = sum(a[k].double().square().sum() for k in a)
+    return float((num / den).sqrt())
+
+
+@pytest.fixture(scope="module")
+def runs(colour_data, tmp_path_factory):
+    """The same training with one and with two processes (rankclip loss, a validation set)."""
+    logs = tmp_path_factory.mktemp("dist")
+    extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
+             "constant", "--epochs", "2"]
+    one = run(command(colour_data, logs, "one", 1, *extra))
+    two = run(command(colour_data, logs, "two", 2, *extra))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    return logs, two
+
+
+def test_two_processes_take_the_same_steps_as_one(runs):
+    logs, _ = runs
+    one = read_checkpoint(logs / "one" / "checkpoints" / "epoch_2.pt")
+    two = read_checkpoint(logs / "two" / "checkpoints" / "epoch_2.pt")
+    assert one["step"] == two["step"] == 16
+    start = read_checkpoint(logs / "one" / "checkpoints" / "epoch_1.pt")["state_dict"]
+    assert relative_difference(one["state_dict"], start) > 1e-3  # training moved the weights
+    assert relative_difference(one["state_dict"], two["state_dict"]) <= 1e-5
+
+
+def test_only_rank_zero_writes_and_logs_the_world(runs):
+    logs, two = runs
+    log = (logs / "two" / "output.log").read_text()
+    assert "world size 2" in log and "per-process batch 16" in log
+    lines = (logs / "two" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 5  # validation at epoch 0, then train + validation for two epochs
+
+
+def test_resume_of_a_two_process_run(runs, colour_data):
+    logs, _ = runs
+    folder = logs / "resumed" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "epoch_latest.pt").write_bytes((logs / "two" / "checkpoints" / "epoch_1.pt").read_bytes())
+    extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
+             "constant", "--epochs", "2", "--resume", "latest"]
+    result = run(command(colour_data, logs, "resumed", 2, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight = read_checkpoint(logs / "two" / "checkpoints" / "epoch_2.pt")["state_dict"]
+    resumed = read_checkpoint(folder / "epoch_2.pt")["state_dict"]
+    assert relative_difference(straight, resumed) <= 1e-6
+
+
+def test_bad_batch_size_fails_on_every_rank_without_hanging(colour_data, tmp_path):
+    result = run(command(colour_data, tmp_path, "odd", 2, "--batch_size", "33"))
+    assert result.returncode != 0
+    assert result.stderr.count("--batch_size 33 is not divisible by the 2 processes") == 2
+
+
+def test_a_dead_rank_ends_the_run(colour_data, tmp_path):
+    cmd = command(colour_data, tmp_path, "killed", 2, "--epochs", "50")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        for line in proc.stdout:  # wait until training runs
+            if "epoch 1 [" in line or time.time() > deadline:
+                break
+        workers = subprocess.run(["pgrep", "-f", "--", "--name killed"], capture_output=True, text=True).stdout.split()
+        victims = [int(p) for p in workers if int(p) != proc.pid]
+        assert victims, "no worker processes found"
+        os.kill(max(victims), signal.SIGKILL)
+        proc.wait(timeout=120)
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", "--", "--name killed"], capture_output=True, text=True).stdout.split()
+    assert left == [], "a rank outlived the run"
