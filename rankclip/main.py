@@ -82,9 +82,11 @@ def run(runtime: Runtime, cfg: Config) -> None:
              f"{cfg.batch_size // runtime.world_size}" + (" | bundled demo" if cfg.demo else ""))
 
     bundle = build_model(cfg.model_name, cfg.pretrained, runtime.device)
-    loss_fn = build_loss(cfg.loss, lambda1=cfg.lambda1, lambda2=cfg.lambda2, rank_eps=cfg.rank_eps,
-                         cylambda1=cfg.cylambda1, cylambda2=cfg.cylambda2)
-    evaluator = build_evaluator(cfg, runtime, bundle, loss_fn, logger)
+    objective = partial(build_loss, cfg.loss, lambda1=cfg.lambda1, lambda2=cfg.lambda2, rank_eps=cfg.rank_eps,
+                        cylambda1=cfg.cylambda1, cylambda2=cfg.cylambda2)
+    loss_fn = objective()
+    # Rank 0 evaluates alone: its validation loss must not wait for the other ranks' features.
+    evaluator = build_evaluator(cfg, runtime, bundle, objective(gather=False), logger)
     log.info(f"model {cfg.model_name} ({bundle.open_clip_name}), "
              f"{sum(p.numel() for p in bundle.model.parameters()) / 1e6:.2f}M parameters, loss {cfg.loss}")
 

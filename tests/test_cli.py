@@ -128,10 +128,7 @@ def test_unreadable_images_are_skipped_then_fatal_past_one_percent(colour_data, 
     (["--delimiter", ";"], "pass --delimiter ','"),
 ])
 def test_bad_input_is_one_clear_line(colour_data, tmp_path, capsys, change, message):
-    argv = flags(colour_data, tmp_path, "bad")
-    for i in range(0, len(change), 2):
-        argv[argv.index(change[i]) + 1] = change[i + 1]
-    assert main(argv) == 2
+    assert main(flags(colour_data, tmp_path, "bad", *change)) == 2  # the last value of a flag wins
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
