@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import open_clip
 import torch
+from huggingface_hub import constants as hub_constants
 
 from .checkpoint import load_model_weights
 from .config import REPO_ROOT, ConfigError
@@ -55,23 +57,43 @@ def build_model(name: str, pretrained: Optional[str] = None, device: torch.devic
     """Create the model with fp32 weights (autocast handles mixed precision) on `device`."""
     open_clip_name = resolve_model_name(name)
     openai = pretrained == OPENAI_WEIGHTS
-    if pretrained and not openai:
-        # A local file: build the architecture, then import the weights strictly.
-        _check_weights_file(pretrained)
-    try:
-        model, train_transform, val_transform = open_clip.create_model_and_transforms(
-            open_clip_name, pretrained=OPENAI_WEIGHTS if openai else None, device=device)
-    except Exception as e:  # open_clip raises many kinds when a download is impossible
-        if not openai:
-            raise
-        raise ConfigError(
-            f"--pretrained: OpenAI weights for {open_clip_name} are not in open_clip's cache and cannot be "
-            f"downloaded here ({type(e).__name__}); download them on a machine with network and pass "
-            f"--pretrained PATH/TO/weights.pt") from e
-    if pretrained and not openai:
-        load_model_weights(model, pretrained)
+    if openai:
+        model, train_transform, val_transform = _with_openai_weights(open_clip_name, device)
+    else:
+        if pretrained:
+            _check_weights_file(pretrained)
+        model, train_transform, val_transform = open_clip.create_model_and_transforms(open_clip_name, device=device)
+        if pretrained:  # a local file: imported strictly into the architecture
+            load_model_weights(model, pretrained)
     tokenizer = open_clip.get_tokenizer(open_clip_name)
     return ModelBundle(model, train_transform, val_transform, tokenizer, open_clip_name)
+
+
+def _with_openai_weights(open_clip_name: str, device: torch.device) -> tuple:
+    """open_clip's model with OpenAI's weights: from the local cache first, then by download."""
+    if OPENAI_WEIGHTS not in open_clip.list_pretrained_tags_by_model(open_clip_name):
+        raise ConfigError(f"--pretrained: OpenAI released no weights for {open_clip_name}; "
+                          f"pass --pretrained PATH to a weights file")
+    create = partial(open_clip.create_model_and_transforms, open_clip_name, pretrained=OPENAI_WEIGHTS, device=device)
+    offline = hub_constants.HF_HUB_OFFLINE
+    try:
+        hub_constants.HF_HUB_OFFLINE = True  # no network round trips when the weights are cached
+        return create()
+    except Exception:  # not cached: fall through to a download
+        pass
+    finally:
+        hub_constants.HF_HUB_OFFLINE = offline
+    if offline:
+        error: Exception = RuntimeError("HF_HUB_OFFLINE is set")
+    else:
+        try:
+            return create()
+        except Exception as e:  # open_clip raises many kinds when a download is impossible
+            error = e
+    raise ConfigError(
+        f"--pretrained: OpenAI weights for {open_clip_name} are not in open_clip's cache and cannot be "
+        f"downloaded here ({type(error).__name__}); download them where there is network and pass "
+        f"--pretrained PATH/TO/weights.pt") from error
 
 
 def _check_weights_file(path: str) -> None:

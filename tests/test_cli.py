@@ -138,3 +138,44 @@ def test_empty_csv_is_refused(colour_data, tmp_path, capsys):
     empty.write_text("")
     assert main(flags(dict(colour_data, train=empty), tmp_path, "empty")) == 2
     assert "the file is empty" in capsys.readouterr().err
+
+
+def test_pretrained_path_loads_a_local_file_and_openai_needs_the_cache(trained, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from rankclip.config import ConfigError
+    from rankclip.models import build_model
+
+    weights = trained / "checkpoints" / "epoch_1.pt"
+    bundle = build_model("tiny-vit", str(weights))
+    expected = read_checkpoint(weights)["state_dict"]
+    assert all(torch.equal(v, expected[k]) for k, v in bundle.model.state_dict().items())
+    with pytest.raises(ConfigError, match="OpenAI released no weights for tiny-vit"):
+        build_model("tiny-vit", "openai")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="not in open_clip's cache.*--pretrained PATH"):
+        build_model("RN50", "openai")
+
+
+@pytest.mark.parametrize("objective", [
+    ["--loss", "rankclip", "--lambda1", "0.1", "--rank_schedule", "constant"],
+    ["--loss", "cyclip", "--cylambda1", "0.25", "--cylambda2", "0.25"],
+    ["--loss", "rankclip", "--inmodal"],
+])
+def test_every_objective_trains_end_to_end(colour_data, tmp_path, objective):
+    assert main(flags(colour_data, tmp_path, "objective", "--epochs", "1", *objective, evaluate=False)) == 0
+    train = next(r for r in records(tmp_path / "objective") if r["split"] == "train")
+    parts = {"rankclip": {"rank_loss", "inmodal_rank_loss", "crossmodal_rank_loss"},
+             "cyclip": {"inmodal_cyclic_loss", "crossmodal_cyclic_loss"}}[objective[1]]
+    assert parts | {"loss", "contrastive_loss"} <= set(train)
+    assert all(train[k] > 0 for k in parts)
+
+
+def test_wandb_logs_offline(colour_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    assert main(flags(colour_data, tmp_path, "tracked", "--epochs", "1", "--wandb", evaluate=False)) == 0
+    runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

@@ -47,8 +47,10 @@ def relative_difference(a: dict, b: dict) -> float:
 def runs(colour_data, tmp_path_factory):
     """The same training with one and with two processes (rankclip loss, a validation set)."""
     logs = tmp_path_factory.mktemp("dist")
+    # A small lr: Adam turns float noise in gradients that are exactly 0 in exact arithmetic (the
+    # attention key bias) into ±lr steps, and the 1-vs-2-process comparison should see only noise.
     extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
-             "constant", "--epochs", "2"]
+             "constant", "--epochs", "2", "--lr", "5e-5"]
     one = run(command(colour_data, logs, "one", 1, *extra))
     two = run(command(colour_data, logs, "two", 2, *extra))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -62,7 +64,7 @@ def test_two_processes_take_the_same_steps_as_one(runs):
     two = read_checkpoint(logs / "two" / "checkpoints" / "epoch_2.pt")
     assert one["step"] == two["step"] == 16
     start = read_checkpoint(logs / "one" / "checkpoints" / "epoch_1.pt")["state_dict"]
-    assert relative_difference(one["state_dict"], start) > 1e-3  # training moved the weights
+    assert relative_difference(one["state_dict"], start) > 1e-4  # training moved the weights
     assert relative_difference(one["state_dict"], two["state_dict"]) <= 1e-5
 
 
@@ -80,7 +82,7 @@ def test_resume_of_a_two_process_run(runs, colour_data):
     folder.mkdir(parents=True)
     (folder / "epoch_latest.pt").write_bytes((logs / "two" / "checkpoints" / "epoch_1.pt").read_bytes())
     extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
-             "constant", "--epochs", "2", "--resume", "latest"]
+             "constant", "--epochs", "2", "--lr", "5e-5", "--resume", "latest"]
     result = run(command(colour_data, logs, "resumed", 2, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     straight = read_checkpoint(logs / "two" / "checkpoints" / "epoch_2.pt")["state_dict"]
