@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from rankclip.checkpoint import read_checkpoint
 
