@@ -2,15 +2,24 @@
 
 The synthetic task
     Every image shows one shape of one colour on a textured background. The class is the
-    pair (colour, shape): 4 colours x 4 shapes = 16 classes, named like "red circle". Within a
-    class the picture varies: size (small / large), position (nine regions of the canvas),
-    rotation, the exact shade of the colour, and the background (light, grey or dark, with a
-    gradient and speckles). A caption names the colour and the shape and, depending on its
-    phrasing, some of those other visible facts ("a small red circle near the top", "red round
-    shape on a dark background"), so a model has to learn which words go with which pixels,
-    and shape names sometimes appear as synonyms. The zero-shot split is labelled with the 16
-    class names and classified with CLIP-style templates ("a photo of a {}."), which never
-    occur verbatim among the training captions.
+    pair (colour, shape): 4 colours x 4 shapes (circle, square, triangle, ring) = 16 classes,
+    named like "red circle". Within a class the picture varies: size (small / large), position,
+    a tilt of up to 15 degrees, the exact shade of the colour, and the background (light, grey
+    or dark, with a gradient and speckles). A caption names the colour and the shape (now and
+    then by a synonym: "disc", "hoop") and, depending on its phrasing, some of the other
+    visible facts ("a small red circle near the top", "a blue ring on a dark background"), so
+    a model has to learn which words go with which pixels. The zero-shot split is labelled
+    with the 16 class names and classified with CLIP-style templates ("a photo of a {}."),
+    phrased unlike most training captions.
+
+Why it is learnable in minutes on a CPU
+    Colour is easy; shape is what a small ViT learns slowly. Shape centres sit on a 3x3 grid at
+    1/4, 1/2 and 3/4 of the canvas (give or take POSITION_JITTER pixels), which are the patch
+    boundaries of tiny-vit (32 px, patch 8), so a shape always meets the patch grid the same
+    way. Measured with plain CLIP training, 5 epochs: zero-shot top-1 0.62-0.69 with 1.5 px of
+    jitter, 0.76 with 0.5 px. The grid also gives the nine positions the captions name (a large
+    shape cannot reach the corners and sits in the middle). Rings and triangles are learnt
+    first; circle against square is the last confusion left.
 
 Layout (all paths relative to the file that lists them)
     train.csv, validation.csv    columns image,caption; images under images/train/, images/validation/
@@ -22,7 +31,7 @@ Determinism
     Sample i of a split is drawn from its own generator seeded with (seed, split, i), so a split
     is reproducible image by image whatever the requested sizes, and the splits never share a
     random stream: zero-shot images are held out from training by construction. The images are
-    32x32 PNGs (the tiny models' input size), a few hundred bytes each.
+    32x32 PNGs (the tiny models' input size), under a kilobyte each.
 
 Usage: python utils/make_demo.py [--out data/demo] [--num_train N] [--num_val N] [--num_eval N] [--seed S]
 """
@@ -44,7 +53,7 @@ Polygon = list[tuple[float, float]]
 
 IMAGE_SIZE = 32
 MAX_TILT_DEGREES = 15.0  # shapes stand upright, give or take this much rotation
-POSITION_JITTER = 1.5  # pixels around the 3x3 grid of anchor points
+POSITION_JITTER = 0.5  # pixels around the 3x3 grid of anchor points
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, for anti-aliased edges
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "demo"
 DEFAULT_SEED = 0
