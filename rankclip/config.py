@@ -69,9 +69,13 @@ class Config:
     distributed_backend: Optional[str] = None
     distributed_init_method: str = "tcp://127.0.0.1:5434"
     precision: str = "amp"
+    sync_bn: bool = False
+    grad_checkpointing: bool = False
+    compile: bool = False
     # optimisation
     epochs: int = 64
     batch_size: int = 128
+    accum_freq: int = 1
     lr: float = 5e-4
     beta1: float = 0.9
     beta2: float = 0.999
@@ -142,8 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--distributed_backend", type=str, help="nccl on GPUs, gloo on CPUs by default")
     add("--distributed_init_method", type=str, help=f"(default {d.distributed_init_method})")
     add("--precision", type=str, choices=PRECISIONS, help="amp (fp16), amp_bf16 or fp32; CPU always uses fp32")
+    add("--sync_bn", action="store_true", help="synchronize BatchNorm statistics over processes (ResNets)")
+    add("--grad_checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    add("--compile", action="store_true", help="torch.compile the model")
     add("--epochs", type=int, help=f"(default {d.epochs})")
     add("--batch_size", type=int, help=f"global batch size, split over processes (default {d.batch_size})")
+    add("--accum_freq", type=int, help="micro-batches of --batch_size per optimizer step, combined exactly "
+        "by gradient caching (default 1)")
     add("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     add("--beta1", type=float, help=f"AdamW beta1 (default {d.beta1})")
     add("--beta2", type=float, help=f"AdamW beta2 (default {d.beta2})")
@@ -230,7 +239,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("--linear_probe is not available in this version; use zero-shot evaluation")
     if cfg.train_data is None and cfg.checkpoint is None and cfg.resume is None:
         raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint with --eval_* to evaluate")
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "accum_freq": cfg.accum_freq}
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{key} must be positive, got {value}")

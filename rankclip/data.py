@@ -119,29 +119,41 @@ def collate_samples(samples: list[dict]) -> dict:
 class GlobalBatchSampler(Sampler):
     """Batches of `(epoch, index)` for one process: its slice of each global batch.
 
-    One permutation per epoch, seeded by (seed, epoch), is cut into global batches of
-    `global_batch` samples (the last partial batch is dropped); process `rank` of `world`
-    takes rows [rank·b, (rank+1)·b) of each, b = global_batch / world.
+    One permutation per epoch, seeded by (seed, epoch), is cut into the global batches of
+    the optimizer steps, `global_batch · micro_batches` samples each (the last partial one is
+    dropped); process `rank` of `world` takes rows [rank·s, (rank+1)·s) of each, s = step
+    batch / world, and yields them as `micro_batches` consecutive batches of global_batch /
+    world. So the samples of a step, and the rows each process holds, are the same whether a
+    step is one batch of K·B or K micro-batches of B (gradient caching).
     """
 
     def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = True, drop_last: bool = True) -> None:
+                 shuffle: bool = True, drop_last: bool = True, micro_batches: int = 1) -> None:
         if global_batch % world:
             raise ConfigError(f"--batch_size {global_batch} is not divisible by the {world} processes; "
                               f"use a multiple of {world}")
-        if drop_last and num_samples < global_batch:
-            raise ConfigError(f"--batch_size {global_batch} is larger than the {num_samples} training samples; "
-                              f"use a smaller --batch_size")
+        if drop_last and num_samples < global_batch * micro_batches:
+            accum = f" x --accum_freq {micro_batches}" if micro_batches > 1 else ""
+            raise ConfigError(f"--batch_size {global_batch}{accum} is larger than the {num_samples} training "
+                              f"samples; use a smaller --batch_size")
+        if micro_batches > 1 and not drop_last:
+            raise ValueError("micro-batches need full global batches (drop_last=True)")
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
         self.rank, self.world, self.shuffle, self.drop_last = rank, world, shuffle, drop_last
+        self.micro_batches = micro_batches
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        full, rest = divmod(self.num_samples, self.global_batch)
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per epoch."""
+        full, rest = divmod(self.num_samples, self.global_batch * self.micro_batches)
         return full + (0 if self.drop_last or rest == 0 else 1)
+
+    def __len__(self) -> int:
+        return self.steps * self.micro_batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
@@ -149,12 +161,16 @@ class GlobalBatchSampler(Sampler):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
-        local = self.global_batch // self.world
-        for b in range(len(self)):
-            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
-            mine = batch[self.rank * local:(self.rank + 1) * local] if len(batch) == self.global_batch else \
-                batch[self.rank::self.world]
-            yield [(self.epoch, i) for i in mine]
+        step_batch = self.global_batch * self.micro_batches
+        local, micro = step_batch // self.world, self.global_batch // self.world
+        for b in range(self.steps):
+            batch = order[b * step_batch:(b + 1) * step_batch]
+            if len(batch) < step_batch:  # the last, partial batch of an evaluation pass
+                yield [(self.epoch, i) for i in batch[self.rank::self.world]]
+                continue
+            mine = batch[self.rank * local:(self.rank + 1) * local]
+            for j in range(self.micro_batches):
+                yield [(self.epoch, i) for i in mine[j * micro:(j + 1) * micro]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,11 +275,13 @@ def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimiter: str, transform: Callable,
                          tokenizer: Callable, seed: int, global_batch: int, rank: int, world: int,
-                         num_workers: int, pin_memory: bool, train: bool, inmodal: bool = False) -> DataLoader:
+                         num_workers: int, pin_memory: bool, train: bool, inmodal: bool = False,
+                         micro_batches: int = 1) -> DataLoader:
     """Training (shuffled, full global batches) or validation (in order, every sample) loader for a CSV."""
     images, captions = read_caption_csv(path, image_key, caption_key, delimiter)
     dataset = CaptionDataset(images, captions, transform, tokenizer, seed, inmodal)
-    sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, shuffle=train, drop_last=train)
+    sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, shuffle=train, drop_last=train,
+                                 micro_batches=micro_batches)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
                       pin_memory=pin_memory)
 

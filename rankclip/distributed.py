@@ -81,12 +81,20 @@ class Runtime:
     def describe(self) -> str:
         return f"world size {self.world_size}, rank {self.rank}, device {self.device}"
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP for several processes; the model itself for one."""
-        if self.world_size == 1:
-            return model
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    def wrap(self, model: torch.nn.Module, sync_bn: bool = False, compile: bool = False) -> torch.nn.Module:
+        """The module the training loop calls: DDP over several processes, optionally compiled.
+
+        With `sync_bn` the BatchNorm layers of `model` are replaced in place by SyncBatchNorm
+        (same parameters, so an optimizer built on `model` stays valid): batch statistics are
+        then those of the global batch rather than of each process's share.
+        """
+        wrapped = model
+        if self.world_size > 1:
+            if sync_bn:
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return torch.compile(wrapped) if compile else wrapped
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -124,10 +132,19 @@ def _launcher_env() -> Optional[tuple[int, int, int]]:
     return None
 
 
+def configure_device(device: torch.device) -> None:
+    """Make `device` this process's GPU and allow TF32 matmuls and convolutions (fp32 runs too)."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+
+
 def _init_process_group(cfg: Config, device: torch.device, rank: int, world: int, init_method: str) -> None:
     backend = cfg.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    configure_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=PROCESS_GROUP_TIMEOUT)
 
@@ -182,4 +199,6 @@ def launch(fn: Callable[[Runtime, Config], None], cfg: Config) -> None:
         ids = cfg.device_ids if cfg.device_ids is not None else tuple(range(torch.cuda.device_count()))
         spawn(fn, cfg, [resolve_device("gpu", i) for i in ids])
     else:
-        fn(Runtime(device=resolve_device(cfg.device, cfg.device_id)), cfg)
+        device = resolve_device(cfg.device, cfg.device_id)
+        configure_device(device)
+        fn(Runtime(device=device), cfg)

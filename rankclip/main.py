@@ -79,9 +79,12 @@ def run(runtime: Runtime, cfg: Config) -> None:
     check_run_folder(cfg, resuming=resume_from is not None)
     logger = RunLogger(cfg, enabled=runtime.is_main)
     log.info(f"run folder {cfg.run_dir} | {runtime.describe()} | per-process batch "
-             f"{cfg.batch_size // runtime.world_size}" + (" | bundled demo" if cfg.demo else ""))
+             f"{cfg.batch_size // runtime.world_size}"
+             + (f" x {cfg.accum_freq} micro-batches = step batch {cfg.accum_freq * cfg.batch_size}"
+                if cfg.accum_freq > 1 else "")
+             + (" | bundled demo" if cfg.demo else ""))
 
-    bundle = build_model(cfg.model_name, cfg.pretrained, runtime.device)
+    bundle = build_model(cfg.model_name, cfg.pretrained, runtime.device, cfg.grad_checkpointing)
     objective = partial(build_loss, cfg.loss, lambda1=cfg.lambda1, lambda2=cfg.lambda2, rank_eps=cfg.rank_eps,
                         cylambda1=cfg.cylambda1, cylambda2=cfg.cylambda2)
     loss_fn = objective()
@@ -102,7 +105,8 @@ def run(runtime: Runtime, cfg: Config) -> None:
         cfg.train_data, image_key=cfg.image_key, caption_key=cfg.caption_key, delimiter=cfg.delimiter,
         transform=bundle.train_transform, tokenizer=bundle.tokenizer, seed=cfg.seed, global_batch=cfg.batch_size,
         rank=runtime.rank, world=runtime.world_size, num_workers=cfg.num_workers,
-        pin_memory=runtime.device.type == "cuda", train=True, inmodal=cfg.inmodal)
+        pin_memory=runtime.device.type == "cuda", train=True, inmodal=cfg.inmodal, micro_batches=cfg.accum_freq)
+    steps_per_epoch = loader.batch_sampler.steps
     optimizer = build_optimizer(bundle.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
     use_scaler = runtime.device.type == "cuda" and cfg.precision == "amp"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -110,12 +114,12 @@ def run(runtime: Runtime, cfg: Config) -> None:
     start_epoch, step = 1, 0
     if resume_from is not None:
         obj = load_model_weights(bundle.model, resume_from)
-        start_epoch, step = restore_training(obj, optimizer, scaler, checkpointer, len(loader))
+        start_epoch, step = restore_training(obj, optimizer, scaler, checkpointer, steps_per_epoch)
         log.info(f"resumed from {resume_from} at epoch {start_epoch}, step {step}")
 
     trainer = Trainer(
-        model=runtime.wrap(bundle.model), unwrapped=bundle.model, optimizer=optimizer, scaler=scaler,
-        schedule=CosineSchedule(cfg.lr, cfg.num_warmup_steps, cfg.epochs * len(loader)), loss_fn=loss_fn,
+        model=runtime.wrap(bundle.model, cfg.sync_bn, cfg.compile), unwrapped=bundle.model, optimizer=optimizer, scaler=scaler,
+        schedule=CosineSchedule(cfg.lr, cfg.num_warmup_steps, cfg.epochs * steps_per_epoch), loss_fn=loss_fn,
         loader=loader, evaluator=evaluator, checkpointer=checkpointer, logger=logger, runtime=runtime, cfg=cfg,
         step=step)
     trainer.fit(start_epoch)

@@ -53,8 +53,13 @@ def resolve_model_name(name: str) -> str:
     raise ConfigError(f"--model_name {name}: unknown model; {hint} (or one of {', '.join(SEED_MODEL_NAMES)}, tiny-vit, tiny-rn)")
 
 
-def build_model(name: str, pretrained: Optional[str] = None, device: torch.device = torch.device("cpu")) -> ModelBundle:
-    """Create the model with fp32 weights (autocast handles mixed precision) on `device`."""
+def build_model(name: str, pretrained: Optional[str] = None, device: torch.device = torch.device("cpu"),
+                grad_checkpointing: bool = False) -> ModelBundle:
+    """Create the model with fp32 weights (autocast handles mixed precision) on `device`.
+
+    `grad_checkpointing` recomputes the transformers' block activations during backward
+    (open_clip supports it in ViT towers and the text tower; ResNet towers run as usual).
+    """
     open_clip_name = resolve_model_name(name)
     openai = pretrained == OPENAI_WEIGHTS
     if openai:
@@ -65,6 +70,7 @@ def build_model(name: str, pretrained: Optional[str] = None, device: torch.devic
         model, train_transform, val_transform = open_clip.create_model_and_transforms(open_clip_name, device=device)
         if pretrained:  # a local file: imported strictly into the architecture
             load_model_weights(model, pretrained)
+    model.set_grad_checkpointing(grad_checkpointing)
     tokenizer = open_clip.get_tokenizer(open_clip_name)
     return ModelBundle(model, train_transform, val_transform, tokenizer, open_clip_name)
 

@@ -6,11 +6,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 
+from .accumulate import cached_gradient_step
 from .checkpoint import Checkpointer
 from .config import ConfigError
 from .data import FAILURE_LIMIT
@@ -140,51 +141,79 @@ class Trainer:
                                    optimizer=self.optimizer, scaler=self.scaler, validation_loss=validation_loss)
             self.runtime.barrier()  # the other ranks wait while rank 0 evaluates and saves
 
+    def micro_batch_groups(self) -> Iterator[list[dict]]:
+        """The loader's batches, `accum_freq` at a time: the micro-batches of one optimizer step."""
+        group: list[dict] = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.cfg.accum_freq:
+                yield group
+                group = []
+
+    def backward(self, tensor: torch.Tensor) -> None:
+        (tensor if self.scaler is None else self.scaler.scale(tensor)).backward()
+
+    def forward_backward(self, batches: list[dict], weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Loss of one step and its gradient in `.grad`; several micro-batches use gradient caching."""
+        def encode(batch: dict) -> dict:
+            return encode_batch(self.model, batch, self.runtime.device, self.cfg.precision)
+
+        def loss(**features: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.loss_fn(**features, rank_weight=weight)
+
+        if len(batches) > 1:
+            return cached_gradient_step(self.model, batches, encode, loss, self.backward, self.runtime.device)
+        features = encode(batches[0])
+        losses = loss(**features)
+        self.backward(losses["loss"])
+        return {k: v.detach() for k, v in losses.items()}, features["logit_scale"].detach()
+
     def train_epoch(self, epoch: int, weight: float) -> dict:
         self.model.train()
-        self.loader.batch_sampler.set_epoch(epoch)
-        device, precision = self.runtime.device, self.cfg.precision
-        num_batches = len(self.loader)
-        every = progress_interval(num_batches)
-        failures = FailureCounter(self.loader.batch_sampler.num_samples)
+        sampler = self.loader.batch_sampler
+        sampler.set_epoch(epoch)
+        on_gpu = self.runtime.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.runtime.device)
+        num_steps = sampler.steps
+        every = progress_interval(num_steps)
+        failures = FailureCounter(sampler.num_samples)
         totals: dict[str, float] = {}
         seen = 0
         start = interval_start = time.perf_counter()
         interval_samples = 0
-        bar = tqdm(self.loader, desc=f"epoch {epoch}", disable=not self.runtime.is_main, leave=False)
-        for i, batch in enumerate(bar):
-            failures.add(batch["failed"])
+        bar = tqdm(self.micro_batch_groups(), total=num_steps, desc=f"epoch {epoch}", disable=not self.runtime.is_main,
+                   leave=False)
+        for i, batches in enumerate(bar):
+            for batch in batches:
+                failures.add(batch["failed"])
             lr = self.schedule(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
-            features = encode_batch(self.model, batch, device, precision)
-            losses = self.loss_fn(**features, rank_weight=weight)
-
             self.optimizer.zero_grad(set_to_none=True)
+            losses, logit_scale = self.forward_backward(batches, weight)
             if self.scaler is not None:
-                self.scaler.scale(losses["loss"]).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                losses["loss"].backward()
                 self.optimizer.step()
             with torch.no_grad():  # the seed's clamp: the temperature never exceeds 100
                 self.unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             self.step += 1
 
-            n = batch["image"].shape[0] * self.runtime.world_size
+            n = sum(batch["image"].shape[0] for batch in batches) * self.runtime.world_size
             seen += n
             interval_samples += n
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.item() * n
             bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{lr:.2e}")
-            if (i + 1) % every == 0 or i + 1 == num_batches:
+            if (i + 1) % every == 0 or i + 1 == num_steps:
                 now = time.perf_counter()
                 parts = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
                 rate = interval_samples / max(now - interval_start, 1e-9)
-                log.info(f"epoch {epoch} [{i + 1}/{num_batches}] {parts} lr {lr:.3e} "
-                         f"logit_scale {features['logit_scale'].item():.2f} samples/s {rate:.1f}")
+                log.info(f"epoch {epoch} [{i + 1}/{num_steps}] {parts} lr {lr:.3e} "
+                         f"logit_scale {logit_scale.item():.2f} samples/s {rate:.1f}")
                 self.logger.step(self.step, {k: v.item() for k, v in losses.items()} | {"lr": lr})
                 interval_start, interval_samples = time.perf_counter(), 0
         bar.close()
@@ -197,6 +226,8 @@ class Trainer:
         metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,
                        samples_per_second_per_process=rate / self.runtime.world_size,
                        skipped_samples=int(summed[-1]), step=self.step)
+        if on_gpu:  # this process's peak of allocated tensors (the caching allocator reserves more)
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
         if failures.failed:
             log.warning(f"epoch {epoch}: skipped {len(failures.failed)} unreadable images, e.g. "
                         f"{sorted(failures.failed)[0]}")

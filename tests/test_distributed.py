@@ -89,6 +89,21 @@ def test_resume_of_a_two_process_run(runs, colour_data):
     assert relative_difference(straight, resumed) <= 1e-6
 
 
+def test_two_processes_with_gradient_caching_take_the_large_batch_steps(runs, colour_data):
+    """2 processes x 2 micro-batches of global batch 16 (DDP no_sync, gathers of cached features) = 1 x 32."""
+    logs, _ = runs
+    extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
+             "constant", "--epochs", "2", "--lr", "5e-5", "--accum_freq", "2"]
+    cmd = command(colour_data, logs, "accumulated", 2, *extra)
+    cmd[cmd.index("--batch_size") + 1] = "16"
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = read_checkpoint(logs / "one" / "checkpoints" / "epoch_2.pt")
+    accumulated = read_checkpoint(logs / "accumulated" / "checkpoints" / "epoch_2.pt")
+    assert accumulated["step"] == 16
+    assert relative_difference(one["state_dict"], accumulated["state_dict"]) <= 1e-5
+
+
 def test_bad_batch_size_fails_on_every_rank_without_hanging(colour_data, tmp_path):
     result = run(command(colour_data, tmp_path, "odd", 2, "--batch_size", "33"))
     assert result.returncode != 0
