@@ -55,9 +55,10 @@ class Config:
     num_workers: int = 4
     inmodal: bool = False
     # evaluation
-    eval_data_type: Optional[str] = None
-    eval_test_data_dir: Optional[str] = None
-    eval_train_data_dir: Optional[str] = None
+    eval_data_type: Optional[tuple[str, ...]] = None
+    eval_test_data_dir: Optional[tuple[str, ...]] = None
+    eval_train_data_dir: Optional[tuple[str, ...]] = None
+    retrieval_data: Optional[tuple[str, ...]] = None
     linear_probe: bool = False
     linear_probe_batch_size: int = 16
     linear_probe_num_epochs: int = 32
@@ -102,10 +103,7 @@ class Config:
 
     def to_dict(self) -> dict:
         """Plain types only, so the dict can be stored in a checkpoint loaded with weights_only."""
-        out = dataclasses.asdict(self)
-        if out["device_ids"] is not None:
-            out["device_ids"] = list(out["device_ids"])
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,10 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--caption_key", type=str, help=f"column of captions (default {d.caption_key})")
     add("--num_workers", type=int, help=f"data loader workers per process (default {d.num_workers})")
     add("--inmodal", action="store_true", help="add augmented views and the in-modal contrastive term")
-    add("--eval_data_type", type=str, choices=EVAL_DATA_TYPES, help="zero-shot evaluation set")
-    add("--eval_test_data_dir", type=str, help="zero-shot folder: labels.csv + classes.py")
-    add("--eval_train_data_dir", type=str, help="training split for the linear probe")
-    add("--linear_probe", action="store_true", help="evaluate by linear probe")
+    add("--eval_data_type", type=str, nargs="+", choices=EVAL_DATA_TYPES,
+        help="evaluation sets, one per --eval_test_data_dir (e.g. ImageNet1K CIFAR10)")
+    add("--eval_test_data_dir", type=str, nargs="+",
+        help="test split of each eval set: a labels.csv + classes.py folder, an ImageNet-style image folder, "
+             "or a torchvision dataset root")
+    add("--eval_train_data_dir", type=str, nargs="+", help="training split of each eval set (linear probe)")
+    add("--linear_probe", action="store_true", help="evaluate the eval sets by linear probe instead of zero-shot")
+    add("--retrieval_data", type=str, nargs="+",
+        help="image-caption CSVs for image<->text retrieval (several captions per image allowed)")
     add("--linear_probe_batch_size", type=int, help=f"(default {d.linear_probe_batch_size})")
     add("--linear_probe_num_epochs", type=int, help=f"(default {d.linear_probe_num_epochs})")
     add("--device", type=str, choices=("cpu", "gpu"), help="default: gpu when CUDA is available, else cpu")
@@ -188,10 +191,15 @@ def _read_config_file(path: str) -> dict:
     return values
 
 
+MULTI_VALUED = ("device_ids", "eval_data_type", "eval_test_data_dir", "eval_train_data_dir", "retrieval_data")
+
+
 def _coerce(values: dict) -> dict:
-    """Bring JSON values to the dataclass's types (lists to tuples)."""
-    if values.get("device_ids") is not None:
-        values["device_ids"] = tuple(values["device_ids"])
+    """Bring flag and JSON values to the dataclass's types: lists (or one JSON string) to tuples."""
+    for key in MULTI_VALUED:
+        value = values.get(key)
+        if value is not None:
+            values[key] = (value,) if isinstance(value, (str, int)) else tuple(value)
     return values
 
 
@@ -201,8 +209,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     values: dict = {}
     if not any(k in given for k in DATA_FLAGS):
         preset = _read_config_file(str(DEMO_PRESET))
-        for key in ("train_data", "validation_data", "eval_test_data_dir"):
-            preset[key] = str(REPO_ROOT / preset[key])  # the demo runs from any working folder
+        for key in ("train_data", "validation_data"):  # the demo runs from any working folder
+            preset[key] = str(REPO_ROOT / preset[key])
+        preset["eval_test_data_dir"] = [str(REPO_ROOT / p) for p in preset["eval_test_data_dir"]]
         values.update(preset, demo=True)
     if "config" in given:
         values.update(_read_config_file(given["config"]))
@@ -220,26 +229,37 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
 def _check(cfg: Config) -> None:
     """Cheap value checks; file and data checks happen where those are opened."""
     if cfg.demo:
-        for key in ("train_data", "validation_data", "eval_test_data_dir"):
-            path = getattr(cfg, key)
-            if path and not os.path.exists(path):
+        for path in (cfg.train_data, cfg.validation_data, *cfg.eval_test_data_dir):
+            if not os.path.exists(path):
                 raise ConfigError(
                     f"the demo data is missing ({path}); build it with `python utils/make_demo.py`")
     for key in ("train_data", "validation_data", "checkpoint"):
         path = getattr(cfg, key)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"--{key} {path}: no such file; check the path")
+    for path in cfg.retrieval_data or ():
+        if not os.path.isfile(path):
+            raise ConfigError(f"--retrieval_data {path}: no such file; pass a CSV of image paths and captions")
     for key in ("eval_test_data_dir", "eval_train_data_dir"):
-        path = getattr(cfg, key)
-        if path is not None and not os.path.isdir(path):
-            raise ConfigError(f"--{key} {path}: no such folder; it must hold labels.csv and classes.py")
-    if cfg.eval_test_data_dir and not cfg.eval_data_type:
+        for path in getattr(cfg, key) or ():
+            if not os.path.isdir(path):
+                raise ConfigError(f"--{key} {path}: no such folder; it must hold labels.csv and classes.py, "
+                                  f"an ImageNet-style image folder or a torchvision dataset root")
+    sets, tests, trains = cfg.eval_data_type or (), cfg.eval_test_data_dir or (), cfg.eval_train_data_dir or ()
+    if tests and not sets:
         raise ConfigError("--eval_test_data_dir needs --eval_data_type (e.g. --eval_data_type ImageNet1K)")
-    if cfg.linear_probe:
-        raise ConfigError("--linear_probe is not available in this version; use zero-shot evaluation")
-    if cfg.train_data is None and cfg.checkpoint is None and cfg.resume is None:
-        raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint with --eval_* to evaluate")
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "accum_freq": cfg.accum_freq}
+    if sets and len(sets) != len(tests):
+        raise ConfigError(f"--eval_data_type names {len(sets)} sets but --eval_test_data_dir gives {len(tests)} "
+                          f"folders; give one folder per set, in the same order")
+    if cfg.linear_probe and len(trains) != len(sets):
+        raise ConfigError(f"--linear_probe needs one --eval_train_data_dir per --eval_data_type ({len(sets)}), "
+                          f"got {len(trains)}")
+    if cfg.train_data is None and cfg.checkpoint is None and cfg.resume is None and cfg.pretrained is None:
+        raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint (or --pretrained) with "
+                          "--eval_* or --retrieval_data to evaluate")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "accum_freq": cfg.accum_freq,
+                "linear_probe_batch_size": cfg.linear_probe_batch_size,
+                "linear_probe_num_epochs": cfg.linear_probe_num_epochs}
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{key} must be positive, got {value}")

@@ -1,4 +1,4 @@
-"""Image-caption training data (CSV/TSV), the global-batch sampler, and zero-shot eval folders.
+"""Image-caption data (CSV/TSV) for training and validation, and the global-batch sampler.
 
 Determinism: the sampler yields `(epoch, index)` pairs and every random transform of a sample
 runs under a torch seed derived from (seed, epoch, index). The batches and their augmentations
@@ -8,10 +8,8 @@ boundary replays exactly what an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import ast
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -173,106 +171,6 @@ class GlobalBatchSampler(Sampler):
                 yield [(self.epoch, i) for i in mine[j * micro:(j + 1) * micro]]
 
 
-# ----------------------------------------------------------------------------------------------
-# Zero-shot evaluation folders (CyCLIP layout): labels.csv (image,label) + classes.py (data).
-
-@dataclass(frozen=True)
-class Template:
-    """A caption template such as `lambda s: f"a photo of a {s}."`, kept as literal parts."""
-
-    parts: tuple[Optional[str], ...]  # None marks where the class name goes
-
-    def __call__(self, name: str) -> str:
-        return "".join(name if part is None else part for part in self.parts)
-
-
-def _template_from_ast(node: ast.AST, where: str) -> Template:
-    ok = isinstance(node, ast.Lambda) and len(node.args.args) == 1 and not node.args.defaults
-    if ok:
-        arg, body = node.args.args[0].arg, node.body
-        pieces = body.values if isinstance(body, ast.JoinedStr) else [body]
-        parts: list[Optional[str]] = []
-        for piece in pieces:
-            if isinstance(piece, ast.Constant) and isinstance(piece.value, str):
-                parts.append(piece.value)
-            elif (isinstance(piece, ast.FormattedValue) and isinstance(piece.value, ast.Name)
-                  and piece.value.id == arg and piece.conversion == -1 and piece.format_spec is None):
-                parts.append(None)
-            else:
-                ok = False
-        if ok:
-            return Template(tuple(parts))
-    raise ConfigError(f"{where}: templates must be lambdas like `lambda s: f\"a photo of a {{s}}.\"`, found "
-                      f"`{ast.unparse(node)[:60]}`")
-
-
-def parse_classes_file(path: str | Path) -> tuple[list[str], list[Template]]:
-    """Read classes.py as data: one dict literal with "classes" (strings) and "templates" (lambdas).
-
-    The file is parsed with `ast` and never executed; anything else in it is refused.
-    """
-    try:
-        tree = ast.parse(Path(path).read_text(), mode="eval")
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: missing; an eval folder needs classes.py") from e
-    except SyntaxError as e:
-        raise ConfigError(f"{path}: must be a single dict literal {{\"classes\": [...], \"templates\": [...]}} "
-                          f"({e.msg}, line {e.lineno})") from e
-    shape = "must be a single dict literal {\"classes\": [...], \"templates\": [...]}"
-    if not isinstance(tree.body, ast.Dict):
-        raise ConfigError(f"{path}: {shape}")
-    entries = {}
-    for key, value in zip(tree.body.keys, tree.body.values):
-        if not (isinstance(key, ast.Constant) and key.value in ("classes", "templates")
-                and isinstance(value, (ast.List, ast.Tuple))):
-            raise ConfigError(f"{path}: {shape}")
-        entries[key.value] = value.elts
-    if set(entries) != {"classes", "templates"}:
-        raise ConfigError(f"{path}: {shape}")
-    classes = []
-    for node in entries["classes"]:
-        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
-            raise ConfigError(f"{path}: classes must be strings, found `{ast.unparse(node)[:60]}`")
-        classes.append(node.value)
-    templates = [_template_from_ast(node, str(path)) for node in entries["templates"]]
-    if not classes or not templates:
-        raise ConfigError(f"{path}: needs at least one class and one template")
-    return classes, templates
-
-
-class LabeledImageFolder(Dataset):
-    """labels.csv (image,label) of an eval folder; unreadable images come back as None and are dropped."""
-
-    def __init__(self, root: str | Path, transform: Callable) -> None:
-        root = Path(root)
-        labels = root / "labels.csv"
-        if not labels.is_file():
-            raise ConfigError(f"{root}: missing labels.csv (columns image,label)")
-        images, label_strings = read_caption_csv(str(labels), "image", "label", ",")
-        try:
-            self.labels = [int(v) for v in label_strings]
-        except ValueError as e:
-            raise ConfigError(f"{labels}: labels must be integers ({e})") from e
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, int]]:
-        image = load_image(self.images[index])
-        return None if image is None else (self.transform(image), self.labels[index])
-
-
-def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack readable samples; also return how many were unreadable."""
-    good = [s for s in samples if s is not None]
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), len(samples)
-    images = torch.stack([s[0] for s in good])
-    labels = torch.tensor([s[1] for s in good])
-    return images, labels, len(samples) - len(good)
-
-
 def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimiter: str, transform: Callable,
                          tokenizer: Callable, seed: int, global_batch: int, rank: int, world: int,
                          num_workers: int, pin_memory: bool, train: bool, inmodal: bool = False,
@@ -285,8 +183,3 @@ def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimit
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
                       pin_memory=pin_memory)
 
-
-def build_labeled_loader(root: str, transform: Callable, batch_size: int, num_workers: int,
-                         pin_memory: bool) -> DataLoader:
-    return DataLoader(LabeledImageFolder(root, transform), batch_size=batch_size, num_workers=num_workers,
-                      collate_fn=collate_labeled, pin_memory=pin_memory)

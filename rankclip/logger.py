@@ -1,4 +1,4 @@
-"""Run-folder logging: output.log, params.txt, results.jsonl and (optionally) Weights & Biases.
+"""Run-folder logging: output.log, params.txt, results.jsonl, steps.jsonl and (optionally) Weights & Biases.
 
 Only the main process writes; other processes get a RunLogger whose methods do nothing, so
 callers never branch on rank.
@@ -61,9 +61,25 @@ class RunLogger:
             self.wandb.log({f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
                            | {"epoch": epoch})
 
-    def step(self, step: int, metrics: dict) -> None:
+    def step(self, step: int, epoch: int, metrics: dict) -> None:
+        """Append one training-progress record to steps.jsonl (and wandb): the curves' data."""
+        if not self.enabled:
+            return
+        with open(self.run_dir / "steps.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"train_step/{k}": v for k, v in metrics.items()} | {"step": step})
+
+    def write_curves(self) -> None:
+        """curves.png in the run folder; a plotting problem is reported, never fatal to a finished run."""
+        if not self.enabled:
+            return
+        from .plot import PlotError, write_curves  # matplotlib loads only when a plot is drawn
+
+        try:
+            log.info(f"curves: {write_curves(self.run_dir)}")
+        except (PlotError, OSError) as e:
+            log.warning(f"curves.png not written: {e}")
 
     def write_json(self, filename: str = "results.json") -> None:
         """This process's records as one JSON list (evaluation-only runs)."""

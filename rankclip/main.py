@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import sys
 from functools import partial
+from itertools import repeat
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,9 +16,10 @@ import torch
 
 from .checkpoint import Checkpointer, load_model_weights, restore_training
 from .config import Config, ConfigError, parse_config
-from .data import build_caption_loader, build_labeled_loader, parse_classes_file
+from .data import build_caption_loader
 from .distributed import Runtime, launch, process_label
-from .evaluate import Evaluator, ZeroShotTask
+from .eval_data import build_labeled_loader, load_eval_set, load_retrieval_set
+from .evaluate import Evaluator, LinearProbeTask, RetrievalTask, ZeroShotTask
 from .logger import RunLogger, log, setup_console_logging
 from .losses import build_loss, rank_weight
 from .models import build_model
@@ -52,6 +54,7 @@ def check_run_folder(cfg: Config, resuming: bool) -> None:
 
 def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunLogger) -> Evaluator:
     pin = runtime.device.type == "cuda"
+    loader = partial(build_labeled_loader, batch_size=EVAL_BATCH_SIZE, num_workers=cfg.num_workers, pin_memory=pin)
     validation = None
     if cfg.validation_data:
         validation = build_caption_loader(
@@ -59,15 +62,23 @@ def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunL
             transform=bundle.val_transform, tokenizer=bundle.tokenizer, seed=cfg.seed,
             global_batch=min(cfg.batch_size, EVAL_BATCH_SIZE), rank=0, world=1,
             num_workers=cfg.num_workers, pin_memory=pin, train=False)
-    tasks = []
-    if cfg.eval_test_data_dir:
-        classes, templates = parse_classes_file(Path(cfg.eval_test_data_dir) / "classes.py")
-        loader = build_labeled_loader(cfg.eval_test_data_dir, bundle.val_transform, EVAL_BATCH_SIZE,
-                                      cfg.num_workers, pin)
-        tasks.append(ZeroShotTask(cfg.eval_data_type, loader, classes, templates))
+    zero_shot, probes = [], []
+    sets = zip(cfg.eval_data_type or (), cfg.eval_test_data_dir or (), cfg.eval_train_data_dir or repeat(None))
+    for name, test_dir, train_dir in sets:
+        test = load_eval_set(name, test_dir, bundle.val_transform)
+        if cfg.linear_probe:
+            train = load_eval_set(name, train_dir, bundle.val_transform, train=True)
+            probes.append(LinearProbeTask(name, loader(train.dataset), loader(test.dataset), test.num_classes,
+                                          cfg.linear_probe_batch_size, cfg.linear_probe_num_epochs, cfg.seed))
+        else:
+            zero_shot.append(ZeroShotTask(name, loader(test.dataset), *test.require_prompts()))
+    retrieval = []
+    for path in cfg.retrieval_data or ():
+        data = load_retrieval_set(path, cfg.image_key, cfg.caption_key, cfg.delimiter, bundle.val_transform)
+        retrieval.append(RetrievalTask(data.name, loader(data.images), data.captions, data.caption_image))
     return Evaluator(device=runtime.device, autocast=partial(autocast, runtime.device, cfg.precision),
-                     loss_fn=loss_fn, validation_loader=validation, tasks=tasks, tokenizer=bundle.tokenizer,
-                     logger=logger, enabled=runtime.is_main)
+                     loss_fn=loss_fn, validation_loader=validation, tokenizer=bundle.tokenizer, logger=logger,
+                     zero_shot=zero_shot, probes=probes, retrieval=retrieval, enabled=runtime.is_main)
 
 
 def run(runtime: Runtime, cfg: Config) -> None:

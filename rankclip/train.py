@@ -140,6 +140,7 @@ class Trainer:
             self.checkpointer.save(epoch=epoch, step=self.step, cfg=self.cfg, model=self.unwrapped,
                                    optimizer=self.optimizer, scaler=self.scaler, validation_loss=validation_loss)
             self.runtime.barrier()  # the other ranks wait while rank 0 evaluates and saves
+        self.logger.write_curves()
 
     def micro_batch_groups(self) -> Iterator[list[dict]]:
         """The loader's batches, `accum_freq` at a time: the micro-batches of one optimizer step."""
@@ -214,7 +215,7 @@ class Trainer:
                 rate = interval_samples / max(now - interval_start, 1e-9)
                 log.info(f"epoch {epoch} [{i + 1}/{num_steps}] {parts} lr {lr:.3e} "
                          f"logit_scale {logit_scale.item():.2f} samples/s {rate:.1f}")
-                self.logger.step(self.step, {k: v.item() for k, v in losses.items()} | {"lr": lr})
+                self.logger.step(self.step, epoch, {k: v.item() for k, v in losses.items()} | {"lr": lr})
                 interval_start, interval_samples = time.perf_counter(), 0
         bar.close()
         elapsed = time.perf_counter() - start

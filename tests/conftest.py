@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
@@ -64,3 +65,12 @@ def colour_data(tmp_path_factory) -> dict:
         "validation": write_caption_csv(root, "validation", 64, seed=2),
         "zeroshot": write_zeroshot_folder(root, 64, seed=3),
     }
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors run faster on one thread: OpenMP hand-offs cost milliseconds per op on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,16 +21,61 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-def test_module_prefixes_are_removed():
-    state = extract_state_dict({"epoch": 3, "state_dict": {"module.visual.w": 1, "logit_scale": 2}})
-    assert state == {"visual.w": 1, "logit_scale": 2}
+def linear_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2).state_dict()
+
+
+def prefixed(state: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("layout", [
+    lambda w: {"epoch": 3, "state_dict": prefixed(w, "module."), "optimizer": {}},  # seed / CyCLIP / DDP runs
+    lambda w: {"epoch": 3, "name": "run", "state_dict": prefixed(w, "module.")},  # open_clip's training
+    lambda w: {"epoch": 1, "global_step": 10, "state_dict": prefixed(w, "model.")},  # Lightning
+    lambda w: {"model": w},
+    lambda w: w,  # a plain (OpenAI / open_clip layout) state dict
+    lambda w: prefixed(prefixed(w, "_orig_mod."), "module."),  # compiled, then DDP-wrapped
+], ids=["seed", "open_clip", "lightning", "model-key", "plain", "compiled-ddp"])
+def test_foreign_checkpoints_import_strictly(tmp_path, layout):
+    weights = linear_weights()
+    path = tmp_path / "foreign.pt"
+    torch.save(layout(weights), path)
+    model = torch.nn.Linear(3, 2)
+    load_model_weights(model, path)
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+
+
+def test_safetensors_weights_import(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = linear_weights()
+    save_file(weights, str(tmp_path / "open_clip_model.safetensors"))
+    model = torch.nn.Linear(3, 2)
+    load_model_weights(model, tmp_path / "open_clip_model.safetensors")
+    assert torch.equal(model.weight, weights["weight"])
+
+
+def test_a_prefix_on_only_some_keys_is_kept():
+    state = extract_state_dict({"module.visual.w": torch.ones(1), "logit_scale": torch.ones(1)})
+    assert set(state) == {"module.visual.w", "logit_scale"}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torchscript_archive_is_refused_with_a_way_out(tmp_path):
+    path = tmp_path / "ViT-B-32.pt"
+    torch.jit.script(torch.nn.Linear(3, 2)).save(str(path))
+    with pytest.raises(ConfigError, match="TorchScript archive.*load_openai_model"):
+        read_checkpoint(path)
 
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
     path = tmp_path / "other.pt"
-    torch.save({"state_dict": {"module.weight": torch.zeros(2, 2), "extra": torch.zeros(1)}}, path)
+    torch.save({"state_dict": {"module.weight": torch.zeros(3, 2), "module.extra": torch.zeros(1)}}, path)
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ConfigError, match=r"missing \['bias'\], unexpected \['extra'\]"):
+    with pytest.raises(ConfigError, match=r"missing \['bias'\] \(1\), unexpected \['extra'\] \(1\), "
+                                          r"wrong shape \['weight \(3, 2\) vs \(2, 2\)'\]"):
         load_model_weights(model, path)
 
 

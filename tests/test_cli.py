@@ -10,6 +10,8 @@ import torch
 from rankclip.checkpoint import read_checkpoint
 from rankclip.main import main
 
+from conftest import write_zeroshot_folder
+
 EPOCHS = 4
 
 
@@ -39,6 +41,10 @@ def test_run_folder_has_the_contract_files(trained):
     assert names == {f"epoch_{e}.pt" for e in range(1, EPOCHS + 1)} | {"epoch_latest.pt", "epoch.best.pt"}
     assert "model_name: tiny-vit" in (trained / "params.txt").read_text()
     assert "samples/s" in (trained / "output.log").read_text()
+    steps = [json.loads(line) for line in (trained / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == sorted({r["step"] for r in steps}) and steps[-1]["step"] == 8 * EPOCHS
+    assert {"loss", "lr", "epoch"} <= set(steps[0])
+    assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_results_cover_every_epoch_and_split(trained):
@@ -93,6 +99,40 @@ def test_evaluation_only_run_reproduces_the_training_eval(trained, colour_data, 
     during = next(r for r in records(trained) if r["split"] == "eval" and r["epoch"] == 3)
     assert result == [during]
     assert not (tmp_path / "eval" / "checkpoints").exists()
+
+
+def test_evaluation_only_run_with_several_sets_retrieval_and_analysis(trained, colour_data, tmp_path):
+    zeroshot = str(colour_data["zeroshot"])
+    argv = ["--checkpoint", str(trained / "checkpoints" / f"epoch_{EPOCHS}.pt"), "--model_name", "tiny-vit",
+            "--eval_data_type", "ImageNet1K", "CIFAR10", "--eval_test_data_dir", zeroshot, zeroshot,
+            "--validation_data", str(colour_data["validation"]), "--retrieval_data", str(colour_data["validation"]),
+            "--logs", str(tmp_path), "--name", "eval", "--num_workers", "0", "--device", "cpu", "--loss", "clip"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [(r["split"], r.get("eval_data_type")) for r in result] == [
+        ("validation", None), ("eval", "ImageNet1K"), ("eval", "CIFAR10"), ("retrieval", None)]
+    validation, first, second, retrieval = result
+    assert first["zeroshot_top1"] == second["zeroshot_top1"] >= 0.75  # the same folder twice
+    # Colour names are the only signal: same-colour rows rank alike, across and within modalities.
+    assert validation["crossmodal_consistency"] > 0.3 and validation["inmodal_consistency"] > 0.3
+    assert validation["modality_gap"] > 0 and validation["alignment"] < 2
+    # 16 validation images share each colour (and often a caption), so R@10 is at most ~10/16; chance 10/64.
+    assert retrieval["retrieval_data"] == "validation" and retrieval["num_images"] == retrieval["num_captions"] == 64
+    assert retrieval["image_to_text_R@10"] > 0.3 and retrieval["text_to_image_R@10"] > 0.3
+    assert retrieval["image_to_text_R@1"] <= retrieval["image_to_text_R@5"] <= retrieval["image_to_text_R@10"]
+
+
+def test_linear_probe_of_the_trained_features(trained, colour_data, tmp_path):
+    train_split = write_zeroshot_folder(tmp_path / "probe_train", count=64, seed=11)
+    argv = ["--checkpoint", str(trained / "checkpoints" / f"epoch_{EPOCHS}.pt"), "--model_name", "tiny-vit",
+            "--eval_data_type", "CIFAR10", "--eval_test_data_dir", str(colour_data["zeroshot"]),
+            "--eval_train_data_dir", str(train_split), "--linear_probe", "--linear_probe_num_epochs", "16",
+            "--logs", str(tmp_path), "--name", "probe", "--num_workers", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    (record,) = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert record["eval_data_type"] == "CIFAR10" and record["num_train_samples"] == 64
+    assert record["linear_probe_top1"] >= 0.75  # chance is 0.25
+    assert "zeroshot_top1" not in record
 
 
 def test_existing_run_is_not_overwritten(trained, colour_data, capsys):

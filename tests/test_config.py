@@ -52,6 +52,29 @@ def test_negative_and_zero_values_are_refused(colour_data):
         parse_config(["--train_data", str(colour_data["train"]), "--lambda1", "-1"])
 
 
+def test_several_eval_sets_pair_with_their_folders(colour_data):
+    folder = str(colour_data["zeroshot"])
+    cfg = parse_config(["--train_data", str(colour_data["train"]), "--eval_data_type", "ImageNet1K", "CIFAR10",
+                        "--eval_test_data_dir", folder, folder])
+    assert cfg.eval_data_type == ("ImageNet1K", "CIFAR10") and cfg.eval_test_data_dir == (folder, folder)
+    assert cfg.to_dict()["eval_data_type"] == ["ImageNet1K", "CIFAR10"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eval_data_type", "ImageNet1K", "CIFAR10", "--eval_test_data_dir", "{zs}"],
+     "--eval_data_type names 2 sets but --eval_test_data_dir gives 1 folders"),
+    (["--eval_data_type", "CIFAR10", "--eval_test_data_dir", "{zs}", "--linear_probe"],
+     "--linear_probe needs one --eval_train_data_dir per --eval_data_type (1), got 0"),
+    (["--retrieval_data", "/nonexistent.csv"], "--retrieval_data /nonexistent.csv: no such file"),
+    (["--eval_data_type", "CIFAR10", "--eval_test_data_dir", "/nonexistent"], "--eval_test_data_dir /nonexistent: no such folder"),
+    (["--linear_probe_num_epochs", "0"], "--linear_probe_num_epochs must be positive"),
+])
+def test_bad_evaluation_flags(colour_data, extra, message):
+    argv = ["--train_data", str(colour_data["train"])] + [a.format(zs=colour_data["zeroshot"]) for a in extra]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(argv)
+
+
 def test_default_name_is_a_time_stamp_with_the_model(colour_data):
     cfg = parse_config(["--train_data", str(colour_data["train"]), "--model_name", "ViT-B/32"])
     assert cfg.name.endswith("-ViT-B-32") and "/" not in cfg.name

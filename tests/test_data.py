@@ -1,11 +1,8 @@
-import shutil
-
 import pytest
 import torch
 
 from rankclip.config import ConfigError
-from rankclip.data import (CaptionDataset, GlobalBatchSampler, LabeledImageFolder, collate_labeled,
-                           parse_classes_file, read_caption_csv)
+from rankclip.data import CaptionDataset, GlobalBatchSampler, read_caption_csv
 
 
 def to_tensor(image):
@@ -107,39 +104,3 @@ def test_unreadable_image_is_replaced_and_reported(tmp_path, colour_data):
     assert sample["failed"] == [str(broken), str(tmp_path / "gone.png")]
     assert torch.equal(sample["text"], fake_tokenizer([captions[5]])[0])
     assert dataset[(0, 2)]["failed"] == []
-
-
-def test_classes_file_is_parsed_as_data(tmp_path):
-    path = tmp_path / "classes.py"
-    path.write_text('{"classes": ["cat", "dog"], "templates": [lambda s: f"a photo of a {s}.", lambda c: f"{c}"]}')
-    classes, templates = parse_classes_file(path)
-    assert classes == ["cat", "dog"]
-    assert [t("cat") for t in templates] == ["a photo of a cat.", "cat"]
-
-
-@pytest.mark.parametrize("content", [
-    '__import__("pathlib").Path("{marker}").touch()',
-    '{{"classes": [__import__("pathlib").Path("{marker}").touch()], "templates": [lambda s: s]}}',
-    '{{"classes": ["a"], "templates": [lambda s: __import__("pathlib").Path("{marker}").touch()]}}',
-    '{{"classes": ["a"], "templates": [lambda s: f"{{s!r}}"]}}',
-    'import os\n{{"classes": ["a"], "templates": [lambda s: s]}}',
-])
-def test_classes_file_with_code_is_refused_without_running_it(tmp_path, content):
-    marker = tmp_path / "executed"
-    path = tmp_path / "classes.py"
-    path.write_text(content.format(marker=marker))
-    with pytest.raises(ConfigError, match="classes.py"):
-        parse_classes_file(path)
-    assert not marker.exists()
-
-
-def test_labeled_folder_drops_unreadable_images(colour_data, tmp_path):
-    folder = tmp_path / "zs"
-    shutil.copytree(colour_data["zeroshot"], folder)
-    first = (folder / "labels.csv").read_text().splitlines()[1].split(",")[0]
-    (folder / first).write_bytes(b"garbage")
-    dataset = LabeledImageFolder(folder, to_tensor)
-    assert len(dataset) == 64 and dataset[0] is None
-    images, labels, bad = collate_labeled([dataset[i] for i in range(4)])
-    assert (images.shape[0], bad) == (3, 1)
-    assert labels.tolist() == [1, 2, 3]

@@ -14,13 +14,7 @@ from rankclip.losses import (ClipLoss, CyClipLoss, RankCLIPLoss, _argsort_rows, 
 RANK_KEYS = ("loss", "contrastive_loss", "rank_loss", "inmodal_rank_loss", "crossmodal_rank_loss")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one thread avoids OpenMP hand-offs, which cost milliseconds on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def oracle_pl(pred: torch.Tensor, true: torch.Tensor, eps: float) -> torch.Tensor:

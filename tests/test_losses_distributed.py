@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from rankclip.losses import ClipLoss, CyClipLoss, RankCLIPLoss
-from test_losses import single_thread  # noqa: F401  (the autouse fixture applies here too)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 WORLD = 2
 ROWS = 5  # per rank: odd, and not a multiple of the chunk size
