@@ -25,6 +25,7 @@ EVAL_DATA_TYPES = (
     "ImageNetSketch", "ImageNetV2", "ImageNet-A", "ImageNet-R",
 )
 LOSSES = ("rankclip", "clip", "cyclip")
+DATASET_TYPES = ("auto", "csv", "webdataset")
 PRECISIONS = ("amp", "amp_bf16", "fp32")
 RANK_SCHEDULES = ("reference", "constant")
 # Flags whose presence means "the user brought data": without any of them we run the demo.
@@ -48,6 +49,8 @@ class Config:
     pretrained: Optional[str] = None
     # data
     train_data: Optional[str] = None
+    dataset_type: str = "auto"
+    train_num_samples: Optional[int] = None
     validation_data: Optional[str] = None
     delimiter: str = ","
     image_key: str = "image"
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model_name", type=str, help=f"RN50, RN101, RN50x4, ViT-B/32, any open_clip name, or configs/*.json (default {d.model_name})")
     add("--pretrained", nargs="?", const="openai", help="start from OpenAI's weights (no value) or a local weights file")
     add("--train_data", type=str, help="training CSV/TSV of image paths and captions")
+    add("--dataset_type", type=str, choices=DATASET_TYPES,
+        help="csv (image-caption CSV/TSV) or webdataset (tar shards); auto: webdataset when --train_data names .tar files")
+    add("--train_num_samples", type=int, help="samples per epoch with webdataset shards (required there)")
     add("--validation_data", type=str, help="validation CSV/TSV (validation loss each epoch)")
     add("--delimiter", type=str, help="CSV delimiter (default ','; TSV: $'\\t')")
     add("--image_key", type=str, help=f"column of image paths (default {d.image_key})")
@@ -218,6 +224,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     values.update(given)
     if values.get("resume") == "latest" and not values.get("name"):
         raise ConfigError("--resume latest needs the --name of the run to continue")
+    if values.get("dataset_type", "auto") == "auto" and values.get("train_data"):
+        values["dataset_type"] = "webdataset" if str(values["train_data"]).endswith(".tar") else "csv"
     if not values.get("name"):
         model = str(values.get("model_name", Config.model_name)).replace("/", "-")
         values["name"] = f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{model}"
@@ -233,7 +241,13 @@ def _check(cfg: Config) -> None:
             if not os.path.exists(path):
                 raise ConfigError(
                     f"the demo data is missing ({path}); build it with `python utils/make_demo.py`")
-    for key in ("train_data", "validation_data", "checkpoint"):
+    if cfg.dataset_type == "webdataset" and cfg.train_num_samples is None:
+        raise ConfigError("--train_num_samples is required with webdataset shards: the samples per epoch "
+                          "(e.g. the total of img2dataset's successes)")
+    if cfg.train_num_samples is not None and cfg.train_num_samples <= 0:
+        raise ConfigError(f"--train_num_samples must be positive, got {cfg.train_num_samples}")
+    shards = cfg.dataset_type == "webdataset"
+    for key in ("validation_data", "checkpoint") if shards else ("train_data", "validation_data", "checkpoint"):
         path = getattr(cfg, key)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"--{key} {path}: no such file; check the path")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -30,13 +30,39 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
 
 
-def load_image(path: str) -> Optional[Image.Image]:
-    """The image as RGB, or None when it is missing or cannot be decoded."""
+def load_image(source: str | BinaryIO, min_size: Optional[int] = None) -> Optional[Image.Image]:
+    """The image (a path or an open file) as RGB, or None when it is missing or cannot be decoded.
+
+    With `min_size`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps
+    both sides at least `min_size` (libjpeg scales in the DCT, far cheaper than decoding every
+    pixel of a large photo and resizing afterwards). The transforms resize to `min_size` anyway.
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            if min_size is not None:
+                img.draft("RGB", (min_size, min_size))
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
+
+
+class SampleMaker:
+    """Image + caption -> training sample: transformed image, tokens, and with `inmodal` the
+    augmented views; every random choice is drawn from `seed` (the global RNG is left alone)."""
+
+    def __init__(self, transform: Callable, tokenizer: Callable, inmodal: bool = False) -> None:
+        self.transform, self.tokenizer = transform, tokenizer
+        self.augmented_transform = AugmentedImage(transform) if inmodal else None
+
+    def __call__(self, image: Image.Image, caption: str, seed: int, failed: list[str]) -> dict:
+        sample = {"text": self.tokenizer([caption])[0], "failed": failed}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sample["image"] = self.transform(image)
+            if self.augmented_transform is not None:
+                sample["augmented_image"] = self.augmented_transform(image)
+                sample["augmented_text"] = self.tokenizer([augment_caption(caption, random.Random(seed))])[0]
+        return sample
 
 
 def read_caption_csv(path: str, image_key: str, caption_key: str, delimiter: str) -> tuple[list[str], list[str]]:
@@ -76,11 +102,10 @@ class CaptionDataset(Dataset):
     processes stay in step) and its path is reported with the sample, to be counted.
     """
 
-    def __init__(self, images: Sequence[str], captions: Sequence[str], transform: Callable, tokenizer: Callable,
-                 seed: int, inmodal: bool = False) -> None:
+    def __init__(self, images: Sequence[str], captions: Sequence[str], make_sample: SampleMaker, seed: int,
+                 min_size: Optional[int] = None) -> None:
         self.images, self.captions = list(images), list(captions)
-        self.transform, self.tokenizer, self.seed = transform, tokenizer, seed
-        self.augmented_transform = AugmentedImage(transform) if inmodal else None
+        self.make_sample, self.seed, self.min_size = make_sample, seed, min_size
 
     def __len__(self) -> int:
         return len(self.images)
@@ -90,22 +115,13 @@ class CaptionDataset(Dataset):
         failed = []
         for attempt in range(MAX_SUBSTITUTIONS):
             i = (index + attempt) % len(self)
-            image = load_image(self.images[i])
+            image = load_image(self.images[i], self.min_size)
             if image is not None:
                 break
             failed.append(self.images[i])
         else:
             raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive images cannot be read, e.g. {failed[:3]}")
-        seed = sample_seed(self.seed, epoch, index)
-        sample = {"text": self.tokenizer([self.captions[i]])[0], "failed": failed}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            sample["image"] = self.transform(image)
-            if self.augmented_transform is not None:
-                sample["augmented_image"] = self.augmented_transform(image)
-                caption = augment_caption(self.captions[i], random.Random(seed))
-                sample["augmented_text"] = self.tokenizer([caption])[0]
-        return sample
+        return self.make_sample(image, self.captions[i], sample_seed(self.seed, epoch, index), failed)
 
 
 def collate_samples(samples: list[dict]) -> dict:
@@ -171,15 +187,13 @@ class GlobalBatchSampler(Sampler):
                 yield [(self.epoch, i) for i in mine[j * micro:(j + 1) * micro]]
 
 
-def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimiter: str, transform: Callable,
-                         tokenizer: Callable, seed: int, global_batch: int, rank: int, world: int,
-                         num_workers: int, pin_memory: bool, train: bool, inmodal: bool = False,
-                         micro_batches: int = 1) -> DataLoader:
+def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimiter: str, make_sample: SampleMaker,
+                         seed: int, global_batch: int, rank: int, world: int, num_workers: int, pin_memory: bool,
+                         train: bool, micro_batches: int = 1, min_size: Optional[int] = None) -> DataLoader:
     """Training (shuffled, full global batches) or validation (in order, every sample) loader for a CSV."""
     images, captions = read_caption_csv(path, image_key, caption_key, delimiter)
-    dataset = CaptionDataset(images, captions, transform, tokenizer, seed, inmodal)
+    dataset = CaptionDataset(images, captions, make_sample, seed, min_size)
     sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, shuffle=train, drop_last=train,
                                  micro_batches=micro_batches)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
-                      pin_memory=pin_memory)
-
+                      pin_memory=pin_memory, persistent_workers=train and num_workers > 0)

@@ -16,10 +16,11 @@ import torch
 
 from .checkpoint import Checkpointer, load_model_weights, restore_training
 from .config import Config, ConfigError, parse_config
-from .data import build_caption_loader
+from .data import SampleMaker, build_caption_loader
 from .distributed import Runtime, launch, process_label
 from .eval_data import build_labeled_loader, load_eval_set, load_retrieval_set
 from .evaluate import Evaluator, LinearProbeTask, RetrievalTask, ZeroShotTask
+from .loaders import build_train_data
 from .logger import RunLogger, log, setup_console_logging
 from .losses import build_loss, rank_weight
 from .models import build_model
@@ -59,9 +60,9 @@ def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunL
     if cfg.validation_data:
         validation = build_caption_loader(
             cfg.validation_data, image_key=cfg.image_key, caption_key=cfg.caption_key, delimiter=cfg.delimiter,
-            transform=bundle.val_transform, tokenizer=bundle.tokenizer, seed=cfg.seed,
+            make_sample=SampleMaker(bundle.val_transform, bundle.tokenizer), seed=cfg.seed,
             global_batch=min(cfg.batch_size, EVAL_BATCH_SIZE), rank=0, world=1,
-            num_workers=cfg.num_workers, pin_memory=pin, train=False)
+            num_workers=cfg.num_workers, pin_memory=pin, train=False, min_size=bundle.image_size)
     zero_shot, probes = [], []
     sets = zip(cfg.eval_data_type or (), cfg.eval_test_data_dir or (), cfg.eval_train_data_dir or repeat(None))
     for name, test_dir, train_dir in sets:
@@ -112,12 +113,13 @@ def run(runtime: Runtime, cfg: Config) -> None:
         logger.close()
         return
 
-    loader = build_caption_loader(
-        cfg.train_data, image_key=cfg.image_key, caption_key=cfg.caption_key, delimiter=cfg.delimiter,
-        transform=bundle.train_transform, tokenizer=bundle.tokenizer, seed=cfg.seed, global_batch=cfg.batch_size,
-        rank=runtime.rank, world=runtime.world_size, num_workers=cfg.num_workers,
-        pin_memory=runtime.device.type == "cuda", train=True, inmodal=cfg.inmodal, micro_batches=cfg.accum_freq)
-    steps_per_epoch = loader.batch_sampler.steps
+    data = build_train_data(
+        cfg.train_data, dataset_type=cfg.dataset_type, num_samples=cfg.train_num_samples, image_key=cfg.image_key,
+        caption_key=cfg.caption_key, delimiter=cfg.delimiter,
+        make_sample=SampleMaker(bundle.train_transform, bundle.tokenizer, cfg.inmodal), seed=cfg.seed,
+        global_batch=cfg.batch_size, rank=runtime.rank, world=runtime.world_size, num_workers=cfg.num_workers,
+        pin_memory=runtime.device.type == "cuda", micro_batches=cfg.accum_freq, min_size=bundle.image_size)
+    steps_per_epoch = data.steps
     optimizer = build_optimizer(bundle.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
     use_scaler = runtime.device.type == "cuda" and cfg.precision == "amp"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -129,9 +131,9 @@ def run(runtime: Runtime, cfg: Config) -> None:
         log.info(f"resumed from {resume_from} at epoch {start_epoch}, step {step}")
 
     trainer = Trainer(
-        model=runtime.wrap(bundle.model, cfg.sync_bn, cfg.compile), unwrapped=bundle.model, optimizer=optimizer, scaler=scaler,
-        schedule=CosineSchedule(cfg.lr, cfg.num_warmup_steps, cfg.epochs * steps_per_epoch), loss_fn=loss_fn,
-        loader=loader, evaluator=evaluator, checkpointer=checkpointer, logger=logger, runtime=runtime, cfg=cfg,
+        model=runtime.wrap(bundle.model, cfg.sync_bn, cfg.compile), unwrapped=bundle.model, optimizer=optimizer,
+        scaler=scaler, schedule=CosineSchedule(cfg.lr, cfg.num_warmup_steps, cfg.epochs * steps_per_epoch),
+        loss_fn=loss_fn, data=data, evaluator=evaluator, checkpointer=checkpointer, logger=logger, runtime=runtime, cfg=cfg,
         step=step)
     trainer.fit(start_epoch)
     logger.close()

@@ -38,6 +38,7 @@ class ModelBundle:
     val_transform: Callable
     tokenizer: Callable
     open_clip_name: str
+    image_size: int  # the side the transforms resize images to
 
 
 def resolve_model_name(name: str) -> str:
@@ -72,7 +73,9 @@ def build_model(name: str, pretrained: Optional[str] = None, device: torch.devic
             load_model_weights(model, pretrained)
     model.set_grad_checkpointing(grad_checkpointing)
     tokenizer = open_clip.get_tokenizer(open_clip_name)
-    return ModelBundle(model, train_transform, val_transform, tokenizer, open_clip_name)
+    size = open_clip.get_model_config(open_clip_name)["vision_cfg"]["image_size"]
+    image_size = max(size) if isinstance(size, (list, tuple)) else int(size)
+    return ModelBundle(model, train_transform, val_transform, tokenizer, open_clip_name, image_size)
 
 
 def _with_openai_weights(open_clip_name: str, device: torch.device) -> tuple:

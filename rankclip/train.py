@@ -17,6 +17,7 @@ from .config import ConfigError
 from .data import FAILURE_LIMIT
 from .distributed import Runtime
 from .evaluate import Evaluator
+from .loaders import TrainData
 from .logger import RunLogger, log, progress_interval
 from .losses import rank_weight
 
@@ -119,7 +120,7 @@ class Trainer:
     scaler: Optional[torch.amp.GradScaler]
     schedule: Callable[[int], float]
     loss_fn: torch.nn.Module
-    loader: torch.utils.data.DataLoader  # its batch_sampler is a GlobalBatchSampler
+    data: TrainData
     evaluator: Evaluator
     checkpointer: Checkpointer
     logger: RunLogger
@@ -145,7 +146,7 @@ class Trainer:
     def micro_batch_groups(self) -> Iterator[list[dict]]:
         """The loader's batches, `accum_freq` at a time: the micro-batches of one optimizer step."""
         group: list[dict] = []
-        for batch in self.loader:
+        for batch in self.data:
             group.append(batch)
             if len(group) == self.cfg.accum_freq:
                 yield group
@@ -171,14 +172,13 @@ class Trainer:
 
     def train_epoch(self, epoch: int, weight: float) -> dict:
         self.model.train()
-        sampler = self.loader.batch_sampler
-        sampler.set_epoch(epoch)
+        self.data.set_epoch(epoch)
         on_gpu = self.runtime.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
-        num_steps = sampler.steps
+        num_steps = self.data.steps
         every = progress_interval(num_steps)
-        failures = FailureCounter(sampler.num_samples)
+        failures = FailureCounter(self.data.num_samples)
         totals: dict[str, float] = {}
         seen = 0
         start = interval_start = time.perf_counter()

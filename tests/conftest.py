@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
@@ -65,6 +66,21 @@ def colour_data(tmp_path_factory) -> dict:
         "validation": write_caption_csv(root, "validation", 64, seed=2),
         "zeroshot": write_zeroshot_folder(root, 64, seed=3),
     }
+
+
+@pytest.fixture(scope="session")
+def colour_shards(colour_data) -> str:
+    """The 256 training pairs as 4 webdataset shards of 64 (png + txt), as a brace pattern."""
+    folder = colour_data["root"] / "shards"
+    folder.mkdir()
+    rows = [line.split(",", 1) for line in colour_data["train"].read_text().splitlines()[1:]]
+    for shard in range(4):
+        with wds.TarWriter(str(folder / f"{shard:05d}.tar")) as sink:
+            for i in range(shard * 64, (shard + 1) * 64):
+                image, caption = rows[i]
+                sink.write({"__key__": f"{i:05d}", "png": (colour_data["root"] / image).read_bytes(),
+                            "txt": caption})
+    return str(folder / "{00000..00003}.tar")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from rankclip.augment import AugmentedImage, augment_caption, delete_words, insert_words, swap_words
-from rankclip.data import CaptionDataset, read_caption_csv
+from rankclip.data import CaptionDataset, SampleMaker, read_caption_csv
 
 WORDS = "a small red circle near the top of a grey background".split()
 
@@ -38,7 +38,7 @@ def test_inmodal_samples_carry_seeded_second_views(colour_data):
     images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
     transform = lambda image: torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.float32))  # noqa: E731
     tokenizer = lambda texts: torch.tensor([[sum(map(ord, t)), len(t.split())] for t in texts])  # noqa: E731
-    dataset = CaptionDataset(images, captions, transform, tokenizer, seed=0, inmodal=True)
+    dataset = CaptionDataset(images, captions, SampleMaker(transform, tokenizer, inmodal=True), seed=0)
     first, again = dataset[(1, 7)], dataset[(1, 7)]
     assert {"augmented_image", "augmented_text"} <= set(first)
     assert torch.equal(first["augmented_image"], again["augmented_image"])

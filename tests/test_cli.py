@@ -135,6 +135,27 @@ def test_linear_probe_of_the_trained_features(trained, colour_data, tmp_path):
     assert "zeroshot_top1" not in record
 
 
+def test_training_from_webdataset_shards(colour_data, colour_shards, tmp_path, capsys):
+    argv = flags(dict(colour_data, train=colour_shards), tmp_path, "shards", "--train_num_samples", "256")
+    assert main(argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]) == 0
+    rows = records(tmp_path / "shards")
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [8, 16] and "dataset_type: webdataset" in (
+        tmp_path / "shards" / "params.txt").read_text()
+    evals = [r["zeroshot_top1"] for r in rows if r["split"] == "eval"]
+    assert evals[-1] > max(evals[0], 0.4)  # learning from the shards' captions; chance is 0.25
+    assert main(flags(dict(colour_data, train=colour_shards), tmp_path, "no_count")) == 2
+    assert "--train_num_samples is required with webdataset shards" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_one_line(trained, tmp_path, capsys):
+    argv = ["--checkpoint", str(trained / "checkpoints" / "epoch_1.pt"), "--model_name", "tiny-rn",
+            "--logs", str(tmp_path), "--name", "wrong", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match the model: missing" in err[0] and "check --model_name" in err[0]
+
+
 def test_existing_run_is_not_overwritten(trained, colour_data, capsys):
     assert main(flags(colour_data, trained.parent, "trained")) == 2
     assert "already holds checkpoints; pass --resume latest" in capsys.readouterr().err

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rankclip.config import ConfigError
-from rankclip.data import CaptionDataset, GlobalBatchSampler, read_caption_csv
+from rankclip.data import CaptionDataset, GlobalBatchSampler, SampleMaker, read_caption_csv
 
 
 def to_tensor(image):
@@ -85,7 +85,7 @@ def test_validation_sampler_keeps_every_sample_in_order():
 
 def test_augmentation_is_seeded_per_sample(colour_data):
     images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
-    dataset = CaptionDataset(images, captions, to_tensor, fake_tokenizer, seed=0)
+    dataset = CaptionDataset(images, captions, SampleMaker(to_tensor, fake_tokenizer), seed=0)
     a = dataset[(1, 5)]["image"]
     torch.manual_seed(123)  # the global RNG must not matter
     dataset[(1, 4)]
@@ -99,7 +99,7 @@ def test_unreadable_image_is_replaced_and_reported(tmp_path, colour_data):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     images[3], images[4] = str(broken), str(tmp_path / "gone.png")
-    dataset = CaptionDataset(images, captions, to_tensor, fake_tokenizer, seed=0)
+    dataset = CaptionDataset(images, captions, SampleMaker(to_tensor, fake_tokenizer), seed=0)
     sample = dataset[(0, 3)]
     assert sample["failed"] == [str(broken), str(tmp_path / "gone.png")]
     assert torch.equal(sample["text"], fake_tokenizer([captions[5]])[0])

@@ -104,6 +104,15 @@ def test_two_processes_with_gradient_caching_take_the_large_batch_steps(runs, co
     assert relative_difference(one["state_dict"], accumulated["state_dict"]) <= 1e-5
 
 
+def test_two_processes_train_from_shards(colour_data, colour_shards, tmp_path):
+    cmd = command(dict(colour_data, train=colour_shards), tmp_path, "shards", 2, "--train_num_samples", "256",
+                  "--num_workers", "1")
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = read_checkpoint(tmp_path / "shards" / "checkpoints" / "epoch_1.pt")
+    assert checkpoint["step"] == 8 and checkpoint["config"]["dataset_type"] == "webdataset"
+
+
 def test_bad_batch_size_fails_on_every_rank_without_hanging(colour_data, tmp_path):
     result = run(command(colour_data, tmp_path, "odd", 2, "--batch_size", "33"))
     assert result.returncode != 0

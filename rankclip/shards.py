@@ -1,0 +1,120 @@
+"""Training from webdataset shards (tar files of `<key>.jpg` + `<key>.txt`, as img2dataset writes them).
+
+Same batch semantics as CSV data: `--batch_size` B is global, every process takes B/W
+samples per step, and an epoch is exactly `--train_num_samples // B` steps on every process.
+Shards are dealt out per epoch: a permutation seeded by (seed, epoch) is split over the
+W x K (process, worker) streams; a stream that exhausts its shards reshuffles them and goes
+round again (resampling), so the epoch length never depends on shard sizes, and with fewer
+shards than streams each stream draws shards at random. Samples pass a seeded shuffle buffer.
+A corrupt tar member or an undecodable image is skipped and counted like a bad CSV row.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import random
+from typing import Iterator, Optional
+
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .config import ConfigError
+from .data import SampleMaker, collate_samples, load_image, sample_seed
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SHUFFLE_BUFFER = 1000  # samples held per stream to mix neighbours from one shard
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Shard paths from a brace pattern ("data/{00000..00099}.tar") or a '::'-separated list.
+
+    Local files must exist (checked at start-up); URLs and `pipe:` commands are taken as given.
+    """
+    shards = wds.shardlists.expand_urls(pattern)
+    local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
+    missing = [s for s in local if not os.path.isfile(s)]
+    if not shards or len(missing) == len(shards):
+        raise ConfigError(f"--train_data {pattern}: matches no shard file; write the shards as a brace "
+                          f"pattern such as 'DIR/{{00000..00099}}.tar'")
+    if missing:
+        raise ConfigError(f"--train_data {pattern}: {len(missing)} of {len(shards)} shards are missing "
+                          f"(e.g. {missing[0]})")
+    return shards
+
+
+class ShardStream(IterableDataset):
+    """One process's micro-batches of one epoch, from its share of the shards."""
+
+    def __init__(self, shards: list[str], num_samples: int, global_batch: int, make_sample: SampleMaker, seed: int,
+                 rank: int = 0, world: int = 1, micro_batches: int = 1, min_size: Optional[int] = None) -> None:
+        if global_batch % world:
+            raise ConfigError(f"--batch_size {global_batch} is not divisible by the {world} processes; "
+                              f"use a multiple of {world}")
+        self.steps = num_samples // (global_batch * micro_batches)
+        if self.steps == 0:
+            raise ConfigError(f"--train_num_samples {num_samples} is smaller than one step's batch "
+                              f"({global_batch * micro_batches}); use a smaller --batch_size")
+        self.shards, self.num_samples, self.make_sample, self.seed = shards, num_samples, make_sample, seed
+        self.rank, self.world, self.micro_batches, self.min_size = rank, world, micro_batches, min_size
+        self.local_batch = global_batch // world
+        self._epoch = mp.Value("i", 0)  # shared, so that persistent workers see set_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.micro_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self._epoch.value
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers in turn: worker k makes every K-th one.
+        batches = len(self) // workers + (1 if worker < len(self) % workers else 0)
+        stream = self.rank * workers + worker
+        rng = random.Random(sample_seed(self.seed, epoch, stream))
+        failed: list[str] = []
+        samples = self._samples(self._passes(epoch, stream, self.world * workers, rng), rng, failed)
+        for _ in range(batches):
+            batch = collate_samples([next(samples) for _ in range(self.local_batch)])
+            batch["failed"], failed[:] = batch["failed"] + failed, []
+            yield batch
+
+    def _passes(self, epoch: int, stream: int, streams: int, rng: random.Random) -> Iterator[list[dict]]:
+        """Endless passes over this stream's shards (reshuffled each time), or single random shards."""
+        order = list(self.shards)
+        random.Random(sample_seed(self.seed, epoch, -1)).shuffle(order)
+        mine = order[stream::streams]
+        while True:
+            if mine:
+                rng.shuffle(mine)
+                yield [{"url": url} for url in mine]
+            else:  # fewer shards than streams: draw at random
+                yield [{"url": rng.choice(order)}]
+
+    def _samples(self, passes: Iterator[list[dict]], rng: random.Random, failed: list[str]) -> Iterator[dict]:
+        """Decoded training samples; the keys of what cannot be read are appended to `failed`.
+
+        The shuffle buffer is emptied at the end of every pass, so a pass never repeats a sample.
+        """
+        def skip(error: Exception) -> bool:
+            failed.append(f"corrupt shard data ({type(error).__name__}: {error})")
+            return True
+
+        for shards in passes:
+            records = wds.tarfile_to_samples(handler=skip)(iter(shards))
+            good = 0
+            for record in wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng)(records):
+                where = f"{record.get('__url__')}:{record.get('__key__')}"
+                image_bytes = next((record[e] for e in IMAGE_EXTENSIONS if e in record), None)
+                image = load_image(io.BytesIO(image_bytes), self.min_size) if image_bytes is not None else None
+                if image is None or "txt" not in record:
+                    failed.append(where)
+                    continue
+                good += 1
+                yield self.make_sample(image, record["txt"].decode("utf-8", "replace"), rng.getrandbits(62), [])
+            if not good:  # would loop forever
+                raise ConfigError(f"shards {[s['url'] for s in shards][:3]} hold no readable image-caption "
+                                  f"samples (.jpg/.png/.webp + .txt)")
