@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 REQUIREMENTS = [line.strip() for line in (ROOT / "requirement.txt").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
+DOWNLOAD = ["img2dataset>=1.47,<2"]  # utils/download.py (CC3M / CC12M)
 
 setup(
     name="rankclip",
@@ -15,5 +16,5 @@ setup(
     packages=find_packages(include=["rankclip", "rankclip.*"]),
     python_requires=">=3.10",
     install_requires=REQUIREMENTS,
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"download": DOWNLOAD, "test": ["pytest>=7", *DOWNLOAD]},
 )
