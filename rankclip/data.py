@@ -16,7 +16,7 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .augment import AugmentedImage, augment_caption
 from .config import ConfigError
@@ -125,7 +125,9 @@ class CaptionDataset(Dataset):
 
 
 def collate_samples(samples: list[dict]) -> dict:
-    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0] if key != "failed"}
+    """Stack the tensors (default_collate does it straight into shared memory inside a worker,
+    saving a copy on the way to the main process) and list the unreadable paths."""
+    batch = default_collate([{k: v for k, v in s.items() if k != "failed"} for s in samples])
     batch["failed"] = [path for s in samples for path in s["failed"]]
     return batch
 
