@@ -77,6 +77,17 @@ def test_workers_together_make_exactly_one_epoch(tmp_path):
     assert len(batches) == 7 and len(set(rows_of(batches))) == 56
 
 
+def test_persistent_workers_follow_set_epoch(tmp_path):
+    pattern = keyed_shards(tmp_path)
+    data = stream(pattern)
+    loader = DataLoader(data, batch_size=None, num_workers=1, persistent_workers=True)
+    reference = stream(pattern)
+    for epoch in (1, 2):
+        data.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        assert rows_of(loader) == rows_of(reference)  # the worker saw the new epoch
+
+
 def test_fewer_shards_than_streams_resample(tmp_path):
     pattern = keyed_shards(tmp_path, count=1, per_shard=16)
     data = stream(pattern, num_samples=48, rank=1, world=2)  # 1 shard, 2 processes, 3 passes over it
