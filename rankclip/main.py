@@ -146,6 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"rankclip: error: {process_label()}{e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # checkpoints are written atomically: every one on disk is complete
+        print(f"rankclip: {process_label()}interrupted; continue the run with --resume latest", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -119,15 +119,39 @@ def test_bad_batch_size_fails_on_every_rank_without_hanging(colour_data, tmp_pat
     assert result.stderr.count("--batch_size 33 is not divisible by the 2 processes") == 2
 
 
-def test_a_dead_rank_ends_the_run(colour_data, tmp_path):
-    cmd = command(colour_data, tmp_path, "killed", 2, "--epochs", "50")
+def start_and_wait_for_training(cmd):
+    """Start a run in its own session; return it once its log shows a training step."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    deadline = time.time() + TIMEOUT
+    for line in proc.stdout:
+        if "epoch 1 [" in line or time.time() > deadline:
+            break
+    return proc
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_ends_every_rank_with_one_line(colour_data, tmp_path, nproc):
+    name = f"interrupted{nproc}"
+    proc = start_and_wait_for_training(command(colour_data, tmp_path, name, nproc, "--epochs", "50"))
     try:
-        deadline = time.time() + TIMEOUT
-        for line in proc.stdout:  # wait until training runs
-            if "epoch 1 [" in line or time.time() > deadline:
-                break
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert output.count("interrupted; continue the run with --resume latest") == nproc, output[-3000:]
+    if nproc == 1:
+        assert proc.returncode == 130 and "Traceback" not in output
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", "--", f"--name {name}"], capture_output=True, text=True).stdout.split()
+    assert left == [], "a rank outlived the run"
+
+
+def test_a_dead_rank_ends_the_run(colour_data, tmp_path):
+    proc = start_and_wait_for_training(command(colour_data, tmp_path, "killed", 2, "--epochs", "50"))
+    try:
         workers = subprocess.run(["pgrep", "-f", "--", "--name killed"], capture_output=True, text=True).stdout.split()
         victims = [int(p) for p in workers if int(p) != proc.pid]
         assert victims, "no worker processes found"
