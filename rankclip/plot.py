@@ -113,11 +113,12 @@ def draw_runs(runs: list[tuple[str, Curves]]) -> Figure:
     fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     overlay = len(runs) > 1
+    # A quantity (loss, contrastive_loss, ...) keeps its colour, or in an overlay its line style, in every panel.
+    labels = list(dict.fromkeys(label for _, curves in runs for panel in curves.values() for label in panel))
     for ax, (title, xlabel) in zip(fig.subplots(2, 2).flat, PANELS.items()):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps and epochs are counts
-        labels = list(dict.fromkeys(label for _, curves in runs for label in curves[title]))
         for run_index, (run_name, curves) in enumerate(runs):
             for label, (xs, ys) in curves[title].items():
                 line_index = labels.index(label)
