@@ -58,7 +58,7 @@ def read_checkpoint(path: str | Path) -> dict:
             return safetensors.torch.load_file(str(path), device="cpu")
         except Exception as e:
             raise ConfigError(f"checkpoint {path}: cannot be read as safetensors ({e})") from e
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    if _is_torchscript(path):
         raise ConfigError(f"checkpoint {path}: a TorchScript archive (such as OpenAI's original release), which "
                           f"holds code; load it once with open_clip.load_openai_model and save its state_dict()")
     try:
@@ -68,6 +68,14 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip holding constants.pkl (plain torch.save zips never do)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
 def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:

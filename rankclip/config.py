@@ -29,7 +29,8 @@ DATASET_TYPES = ("auto", "csv", "webdataset")
 PRECISIONS = ("amp", "amp_bf16", "fp32")
 RANK_SCHEDULES = ("reference", "constant")
 # Flags whose presence means "the user brought data": without any of them we run the demo.
-DATA_FLAGS = ("train_data", "validation_data", "eval_test_data_dir", "checkpoint", "resume")
+DATA_FLAGS = ("train_data", "validation_data", "eval_test_data_dir", "retrieval_data", "checkpoint", "resume",
+              "pretrained")
 
 
 class ConfigError(ValueError):
@@ -212,15 +213,15 @@ def _coerce(values: dict) -> dict:
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     """Flags (+ optional --config file) -> frozen Config, with start-up checks of the values."""
     given = vars(build_parser().parse_args(argv))
+    from_file = _read_config_file(given["config"]) if "config" in given else {}
     values: dict = {}
-    if not any(k in given for k in DATA_FLAGS):
+    if not any(k in given or from_file.get(k) is not None for k in DATA_FLAGS):
         preset = _read_config_file(str(DEMO_PRESET))
         for key in ("train_data", "validation_data"):  # the demo runs from any working folder
             preset[key] = str(REPO_ROOT / preset[key])
         preset["eval_test_data_dir"] = [str(REPO_ROOT / p) for p in preset["eval_test_data_dir"]]
         values.update(preset, demo=True)
-    if "config" in given:
-        values.update(_read_config_file(given["config"]))
+    values.update(from_file)
     values.update(given)
     if values.get("resume") == "latest" and not values.get("name"):
         raise ConfigError("--resume latest needs the --name of the run to continue")
@@ -236,8 +237,18 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
 
 def _check(cfg: Config) -> None:
     """Cheap value checks; file and data checks happen where those are opened."""
+    choices = {"precision": PRECISIONS, "loss": LOSSES, "rank_schedule": RANK_SCHEDULES,
+               "dataset_type": DATASET_TYPES, "device": (None, "cpu", "gpu")}
+    for key, allowed in choices.items():  # flags are checked by argparse; --config values only here
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key} {getattr(cfg, key)!r}: choose one of {', '.join(map(str, allowed))}")
+    unknown = sorted(set(cfg.eval_data_type or ()) - set(EVAL_DATA_TYPES))
+    if unknown:
+        raise ConfigError(f"--eval_data_type {unknown}: unknown; choose among {', '.join(EVAL_DATA_TYPES)}")
+    if cfg.resume is not None and cfg.train_data is None:
+        raise ConfigError("--resume continues training: pass the run's --train_data too")
     if cfg.demo:
-        for path in (cfg.train_data, cfg.validation_data, *cfg.eval_test_data_dir):
+        for path in (cfg.train_data, cfg.validation_data, *(cfg.eval_test_data_dir or ())):
             if not os.path.exists(path):
                 raise ConfigError(
                     f"the demo data is missing ({path}); build it with `python utils/make_demo.py`")

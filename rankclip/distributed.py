@@ -89,6 +89,8 @@ class Runtime:
         then those of the global batch rather than of each process's share.
         """
         wrapped = model
+        if sync_bn and self.world_size > 1 and self.device.type != "cuda":
+            raise ConfigError("--sync_bn synchronizes BatchNorm over GPUs; on CPUs leave it out")
         if self.world_size > 1:
             if sync_bn:
                 torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

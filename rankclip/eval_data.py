@@ -192,9 +192,12 @@ def _labels_csv_set(name: str, root: Path, transform: Callable) -> LabeledSet:
     return LabeledSet(name, LabeledImages(images, labels, transform), num_classes, classes, templates)
 
 
-def _image_folder_set(name: str, root: Path, transform: Callable) -> LabeledSet:
-    """ImageNet-family folders: one subfolder per class, named by WordNet id (or index, ImageNetV2)."""
-    folder = root / "val" if (root / "val").is_dir() else root
+def _image_folder_set(name: str, root: Path, transform: Callable, train: bool) -> LabeledSet:
+    """ImageNet-family folders: one subfolder per class, named by WordNet id (or index, ImageNetV2).
+
+    `root` is the class folders' parent, or holds them under train/ and val/."""
+    split = root / ("train" if train else "val")
+    folder = split if split.is_dir() else root
     names = sorted(p.name for p in folder.iterdir() if p.is_dir())
     wnids = imagenet_wnids()
     if names and all(n.isdigit() for n in names):  # ImageNetV2: folders 0 ... 999 are class indices
@@ -256,7 +259,7 @@ def load_eval_set(name: str, root: str | Path, transform: Callable, train: bool 
     if name in TORCHVISION_SETS:
         return _torchvision_set(name, root, transform, train)
     if name in IMAGENET_FAMILY:
-        return _image_folder_set(name, root, transform)
+        return _image_folder_set(name, root, transform, train)
     raise ConfigError(f"{root}: no labels.csv for {name}; use the labels.csv + classes.py layout")
 
 

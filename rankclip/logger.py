@@ -57,8 +57,9 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
         log.info(f"epoch {epoch} {split}: {shown}")
-        if self.wandb is not None:
-            self.wandb.log({f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.wandb is not None:  # one panel group per evaluation set: "eval/CIFAR10/zeroshot_top1"
+            group = "/".join([split] + [str(metrics[k]) for k in ("eval_data_type", "retrieval_data") if k in metrics])
+            self.wandb.log({f"{group}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
                            | {"epoch": epoch})
 
     def step(self, step: int, epoch: int, metrics: dict) -> None:

@@ -15,8 +15,9 @@ single-process gradient of its rows, which DDP's averaging turns into the full-b
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -232,6 +233,19 @@ class _Views(NamedTuple):
         return cls(image, text, gather_with_grad(image), gather_with_grad(text), rank * n, world * n)
 
 
+@contextlib.contextmanager
+def _full_fp32_matmuls() -> Iterator[None]:
+    """TF32 off while the loss runs, even where the towers use it (distributed.configure_device):
+    with TF32's 10-bit mantissa, logits at s = 100 are off by ~1e-3, enough to swap near-tied
+    ranks in the Plackett-Luce targets and far from the fp32 accuracy the loss is tested to."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 class ClipLoss(nn.Module):
     """CLIP's symmetric cross-entropy; with augmented views, CyCLIP's (crossmodal + inmodal) / 2.
 
@@ -250,6 +264,13 @@ class ClipLoss(nn.Module):
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, rank_weight: float = 1.0,
                 augmented_image_features: Optional[Tensor] = None,
                 augmented_text_features: Optional[Tensor] = None) -> dict[str, Tensor]:
+        with _full_fp32_matmuls():  # every matmul of the loss and its gradient runs here, in _RowTerms.forward
+            return self._forward(image_features, text_features, logit_scale, rank_weight,
+                                 augmented_image_features, augmented_text_features)
+
+    def _forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, rank_weight: float,
+                 augmented_image_features: Optional[Tensor],
+                 augmented_text_features: Optional[Tensor]) -> dict[str, Tensor]:
         views = _Views.of(image_features, text_features, self.gather)
         augmented = None
         if augmented_image_features is not None or augmented_text_features is not None:

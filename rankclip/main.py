@@ -46,11 +46,13 @@ def resume_path(cfg: Config) -> Optional[Path]:
 
 
 def check_run_folder(cfg: Config, resuming: bool) -> None:
-    """Never overwrite another run's checkpoints."""
+    """Never overwrite another run's checkpoints, or mix an evaluation into another run's logs."""
     existing = Checkpointer(cfg.run_dir).dir
     if not resuming and cfg.train_data is not None and existing.is_dir() and any(existing.glob("*.pt")):
         raise ConfigError(f"{cfg.run_dir} already holds checkpoints; pass --resume latest to continue it "
                           f"or choose another --name")
+    if cfg.train_data is None and (cfg.run_dir / "results.jsonl").exists():
+        raise ConfigError(f"{cfg.run_dir} already holds a run's results; choose another --name for this evaluation")
 
 
 def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunLogger) -> Evaluator:
@@ -69,7 +71,8 @@ def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunL
         test = load_eval_set(name, test_dir, bundle.val_transform)
         if cfg.linear_probe:
             train = load_eval_set(name, train_dir, bundle.val_transform, train=True)
-            probes.append(LinearProbeTask(name, loader(train.dataset), loader(test.dataset), test.num_classes,
+            num_classes = max(train.num_classes, test.num_classes)
+            probes.append(LinearProbeTask(name, loader(train.dataset), loader(test.dataset), num_classes,
                                           cfg.linear_probe_batch_size, cfg.linear_probe_num_epochs, cfg.seed))
         else:
             zero_shot.append(ZeroShotTask(name, loader(test.dataset), *test.require_prompts()))

@@ -15,6 +15,7 @@ import io
 import multiprocessing as mp
 import os
 import random
+import tarfile
 from typing import Iterator, Optional
 
 import webdataset as wds
@@ -22,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import ConfigError
 from .data import SampleMaker, collate_samples, load_image, sample_seed
+from .logger import log
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # samples held per stream to mix neighbours from one shard
@@ -41,7 +43,22 @@ def expand_shards(pattern: str) -> list[str]:
     if missing:
         raise ConfigError(f"--train_data {pattern}: {len(missing)} of {len(shards)} shards are missing "
                           f"(e.g. {missing[0]})")
-    return shards
+    empty = {s for s in local if _holds_no_member(s)}  # img2dataset writes these when all URLs of a shard fail
+    if len(empty) == len(shards):
+        raise ConfigError(f"--train_data {pattern}: every shard is empty")
+    if empty:
+        log.warning(f"--train_data: skipping {len(empty)} empty shards, e.g. {sorted(empty)[0]}")
+    return [s for s in shards if s not in empty]
+
+
+def _holds_no_member(path: str) -> bool:
+    """True for a well-formed tar without members (reads one header); a corrupt file is left to the
+    stream, which skips and counts what it cannot read."""
+    try:
+        with tarfile.open(path) as tar:
+            return tar.next() is None
+    except tarfile.TarError:
+        return False
 
 
 class ShardStream(IterableDataset):
@@ -82,19 +99,22 @@ class ShardStream(IterableDataset):
             batch["failed"], failed[:] = batch["failed"] + failed, []
             yield batch
 
-    def _passes(self, epoch: int, stream: int, streams: int, rng: random.Random) -> Iterator[list[dict]]:
-        """Endless passes over this stream's shards (reshuffled each time), or single random shards."""
+    def _passes(self, epoch: int, stream: int, streams: int,
+                rng: random.Random) -> Iterator[tuple[list[dict], int]]:
+        """Endless passes over this stream's shards (reshuffled each time), or single random shards;
+        each with the number of distinct shards the stream draws from."""
         order = list(self.shards)
         random.Random(sample_seed(self.seed, epoch, -1)).shuffle(order)
         mine = order[stream::streams]
         while True:
             if mine:
                 rng.shuffle(mine)
-                yield [{"url": url} for url in mine]
+                yield [{"url": url} for url in mine], len(mine)
             else:  # fewer shards than streams: draw at random
-                yield [{"url": rng.choice(order)}]
+                yield [{"url": rng.choice(order)}], len(order)
 
-    def _samples(self, passes: Iterator[list[dict]], rng: random.Random, failed: list[str]) -> Iterator[dict]:
+    def _samples(self, passes: Iterator[tuple[list[dict], int]], rng: random.Random,
+                 failed: list[str]) -> Iterator[dict]:
         """Decoded training samples; the keys of what cannot be read are appended to `failed`.
 
         The shuffle buffer is emptied at the end of every pass, so a pass never repeats a sample.
@@ -103,7 +123,8 @@ class ShardStream(IterableDataset):
             failed.append(f"corrupt shard data ({type(error).__name__}: {error})")
             return True
 
-        for shards in passes:
+        empty: set[str] = set()  # shards of the passes since the last readable sample
+        for shards, candidates in passes:
             records = wds.tarfile_to_samples(handler=skip)(iter(shards))
             good = 0
             for record in wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng)(records):
@@ -115,6 +136,9 @@ class ShardStream(IterableDataset):
                     continue
                 good += 1
                 yield self.make_sample(image, record["txt"].decode("utf-8", "replace"), rng.getrandbits(62), [])
-            if not good:  # would loop forever
-                raise ConfigError(f"shards {[s['url'] for s in shards][:3]} hold no readable image-caption "
-                                  f"samples (.jpg/.png/.webp + .txt)")
+            # An empty shard (img2dataset writes one when all its URLs failed) is skipped; only when
+            # every shard this stream can read has come up empty would the loop never end.
+            empty = set() if good else empty | {shard["url"] for shard in shards}
+            if len(empty) == candidates:
+                raise ConfigError(f"shards {sorted(empty)[:3]} hold no readable image-caption samples "
+                                  f"(.jpg/.png/.webp + .txt)")

@@ -30,12 +30,14 @@ class DataError(ConfigError):
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float,
                     weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the seed's groups: no weight decay on norms (bn/ln), biases, the logit scale and 1-D params."""
+    """AdamW with the seed's groups: no weight decay on parameters whose names hold bn, ln, bias or
+    logit_scale, decay on all others. Exactly the seed's rule (by name only), so that the seed's
+    and CyCLIP's optimizer states load into these groups."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        exempt = any(key in name for key in ("bn", "ln", "bias", "logit_scale"))
         (no_decay if exempt else decay).append(param)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
@@ -66,10 +68,12 @@ class CosineSchedule:
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA only; CPU always runs fp32."""
-    if device.type != "cuda" or precision == "fp32":
+    dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "fp32": None}
+    if precision not in dtypes:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(dtypes)}")
+    if device.type != "cuda" or dtypes[precision] is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=dtypes[precision])
 
 
 def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
@@ -178,7 +182,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
         num_steps = self.data.steps
         every = progress_interval(num_steps)
-        failures = FailureCounter(self.data.num_samples)
+        failures = FailureCounter(self.data.num_samples // self.runtime.world_size)  # this process's share
         totals: dict[str, float] = {}
         seen = 0
         start = interval_start = time.perf_counter()

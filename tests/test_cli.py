@@ -159,6 +159,10 @@ def test_checkpoint_of_another_model_is_one_line(trained, tmp_path, capsys):
 def test_existing_run_is_not_overwritten(trained, colour_data, capsys):
     assert main(flags(colour_data, trained.parent, "trained")) == 2
     assert "already holds checkpoints; pass --resume latest" in capsys.readouterr().err
+    evaluation = ["--checkpoint", str(trained / "checkpoints" / "epoch_1.pt"), "--model_name", "tiny-vit",
+                  "--logs", str(trained.parent), "--name", "trained", "--device", "cpu"]
+    assert main(evaluation) == 2
+    assert "already holds a run's results; choose another --name" in capsys.readouterr().err
 
 
 def test_unreadable_images_are_skipped_then_fatal_past_one_percent(colour_data, tmp_path, capsys):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -73,6 +74,38 @@ def test_bad_evaluation_flags(colour_data, extra, message):
     argv = ["--train_data", str(colour_data["train"])] + [a.format(zs=colour_data["zeroshot"]) for a in extra]
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_config(argv)
+
+
+def test_a_config_file_with_data_is_not_the_demo(tmp_path, colour_data):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"train_data": str(colour_data["train"]), "model_name": "RN50"}))
+    cfg = parse_config(["--config", str(path)])
+    assert not cfg.demo and cfg.validation_data is None and cfg.eval_test_data_dir is None
+    assert (cfg.epochs, cfg.lr, cfg.device) == (Config.epochs, Config.lr, Config.device)
+
+
+def test_evaluating_pretrained_weights_is_not_the_demo(colour_data):
+    cfg = parse_config(["--pretrained", "--retrieval_data", str(colour_data["validation"])])
+    assert not cfg.demo and cfg.train_data is None and cfg.pretrained == "openai"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"precision": "fp16"}, "--precision 'fp16': choose one of amp, amp_bf16, fp32"),
+    ({"loss": "infonce"}, "--loss 'infonce': choose one of"),
+    ({"eval_data_type": ["ImageNet"], "eval_test_data_dir": ["{zs}"]}, "--eval_data_type ['ImageNet']: unknown"),
+])
+def test_config_file_values_are_checked_like_flags(tmp_path, colour_data, values, message):
+    path = tmp_path / "run.json"
+    values = {k: [x.format(zs=colour_data["zeroshot"]) for x in v] if isinstance(v, list) else v
+              for k, v in values.items()}
+    path.write_text(json.dumps({"train_data": str(colour_data["train"]), **values}))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(["--config", str(path)])
+
+
+def test_resume_needs_the_training_data():
+    with pytest.raises(ConfigError, match="--resume continues training: pass the run's --train_data too"):
+        parse_config(["--resume", "latest", "--name", "x", "--model_name", "tiny-vit"])
 
 
 def test_default_name_is_a_time_stamp_with_the_model(colour_data):

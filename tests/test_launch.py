@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rankclip.config import ConfigError
-from rankclip.distributed import resolve_device
+from rankclip.distributed import Runtime, resolve_device
 from rankclip.main import main
 
 
@@ -30,3 +30,9 @@ def test_missing_gpu_index_is_named(monkeypatch):
     with pytest.raises(ConfigError, match="GPU 3 does not exist: 2 GPUs are visible"):
         resolve_device("gpu", 3)
     assert resolve_device("gpu", 1) == torch.device("cuda", 1)
+
+
+def test_sync_bn_on_cpu_processes_is_refused_before_wrapping():
+    runtime = Runtime(rank=0, world_size=2, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="--sync_bn synchronizes BatchNorm over GPUs"):
+        runtime.wrap(torch.nn.BatchNorm1d(2), sync_bn=True)

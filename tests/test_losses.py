@@ -299,3 +299,17 @@ def test_build_loss():
     assert type(clip) is ClipLoss and clip.chunk_size == 7
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("siglip", 0.1, 0.2, 0.0, 0.3, 0.4)
+
+
+def test_loss_matmuls_run_without_tf32_and_restore_the_setting(monkeypatch):
+    import rankclip.losses as losses
+
+    seen = []
+    original = losses._RowTerms.apply
+    monkeypatch.setattr(losses._RowTerms, "apply",
+                        lambda *args: seen.append(torch.backends.cuda.matmul.allow_tf32) or original(*args))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    image, text = (torch.nn.functional.normalize(torch.randn(6, 4), dim=1) for _ in range(2))
+    RankCLIPLoss(gather=False)(image, text, torch.tensor(10.0))
+    assert seen and not any(seen)
+    assert torch.backends.cuda.matmul.allow_tf32  # the towers' setting is back

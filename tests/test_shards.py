@@ -2,6 +2,7 @@
 
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,17 @@ def test_a_truncated_shard_is_skipped_not_fatal(tmp_path):
     assert len(batches) == 8 and any(batch["failed"] for batch in batches)
     with pytest.raises(tarfile.ReadError):
         tarfile.open(broken).getmembers()
+
+
+def test_an_empty_shard_among_good_ones_is_skipped(tmp_path):
+    pattern = keyed_shards(tmp_path, count=2, per_shard=16)
+    wds.TarWriter(str(tmp_path / "002.tar")).close()  # img2dataset leaves such a tar when all its URLs fail
+    pattern = pattern.replace("001}", "002}")
+    assert [Path(s).name for s in expand_shards(pattern)] == ["000.tar", "001.tar"]
+    for world in (1, 2, 4):  # 4 streams > 2 shards: each draws shards at random
+        for rank in range(world):
+            data = stream(pattern, num_samples=32 * world, global_batch=8 * world, rank=rank, world=world)
+            assert set(rows_of(data)) <= set(range(32))
 
 
 def test_shards_without_readable_samples_stop_the_run(tmp_path):

@@ -40,11 +40,16 @@ def test_optimizer_excludes_norms_biases_and_logit_scale_from_weight_decay():
             self.bn1 = torch.nn.BatchNorm2d(4)
             self.logit_scale = torch.nn.Parameter(torch.ones([]))
             self.embedding = torch.nn.Parameter(torch.ones(3, 4))
+            self.class_embedding = torch.nn.Parameter(torch.ones(4))
+            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.BatchNorm2d(4))
 
     model = Tiny()
     optimizer = build_optimizer(model, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
     decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert decay == {id(model.proj.weight), id(model.embedding)}
+    # The seed's rule goes by name only: a 1-D class embedding and a BatchNorm named "downsample.1"
+    # are decayed, as in the seed and CyCLIP, so their optimizer states keep their groups' sizes.
+    assert decay == {id(model.proj.weight), id(model.embedding), id(model.class_embedding),
+                     id(model.downsample[0].weight), id(model.downsample[1].weight)}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["eps"] == 1e-6
 

@@ -1,0 +1,30 @@
+"""RunLogger: results.jsonl and steps.jsonl records, and the keys sent to Weights & Biases."""
+
+import json
+
+from rankclip.config import Config
+from rankclip.logger import RunLogger
+
+
+class FakeRun:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values):
+        self.logged.append(values)
+
+
+def test_each_eval_set_gets_its_own_wandb_keys_and_record(tmp_path):
+    logger = RunLogger(Config(logs=str(tmp_path), name="run"))
+    logger.wandb = FakeRun()
+    logger.results(1, "eval", {"zeroshot_top1": 0.5, "eval_data_type": "CIFAR10"})
+    logger.results(1, "eval", {"zeroshot_top1": 0.7, "eval_data_type": "ImageNet1K"})
+    logger.results(1, "retrieval", {"image_to_text_R@1": 0.2, "retrieval_data": "flickr"})
+    logger.step(10, 1, {"loss": 2.0, "lr": 1e-3})
+    assert logger.wandb.logged[:3] == [{"eval/CIFAR10/zeroshot_top1": 0.5, "epoch": 1},
+                                       {"eval/ImageNet1K/zeroshot_top1": 0.7, "epoch": 1},
+                                       {"retrieval/flickr/image_to_text_R@1": 0.2, "epoch": 1}]
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["eval_data_type"] for r in records[:2]] == ["CIFAR10", "ImageNet1K"]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert steps == [{"step": 10, "epoch": 1, "loss": 2.0, "lr": 1e-3}]
