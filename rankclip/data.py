@@ -132,6 +132,14 @@ def collate_samples(samples: list[dict]) -> dict:
     return batch
 
 
+def per_process_batch(global_batch: int, world: int) -> int:
+    """Each process's share of a global batch, which must split evenly."""
+    if global_batch % world:
+        raise ConfigError(f"--batch_size {global_batch} is not divisible by the {world} processes; "
+                          f"use a multiple of {world}")
+    return global_batch // world
+
+
 class GlobalBatchSampler(Sampler):
     """Batches of `(epoch, index)` for one process: its slice of each global batch.
 
@@ -145,9 +153,7 @@ class GlobalBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
                  shuffle: bool = True, drop_last: bool = True, micro_batches: int = 1) -> None:
-        if global_batch % world:
-            raise ConfigError(f"--batch_size {global_batch} is not divisible by the {world} processes; "
-                              f"use a multiple of {world}")
+        per_process_batch(global_batch, world)
         if drop_last and num_samples < global_batch * micro_batches:
             accum = f" x --accum_freq {micro_batches}" if micro_batches > 1 else ""
             raise ConfigError(f"--batch_size {global_batch}{accum} is larger than the {num_samples} training "

@@ -22,7 +22,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import ConfigError
-from .data import SampleMaker, collate_samples, load_image, sample_seed
+from .data import SampleMaker, collate_samples, load_image, per_process_batch, sample_seed
 from .logger import log
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -66,16 +66,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[str], num_samples: int, global_batch: int, make_sample: SampleMaker, seed: int,
                  rank: int = 0, world: int = 1, micro_batches: int = 1, min_size: Optional[int] = None) -> None:
-        if global_batch % world:
-            raise ConfigError(f"--batch_size {global_batch} is not divisible by the {world} processes; "
-                              f"use a multiple of {world}")
+        self.local_batch = per_process_batch(global_batch, world)
         self.steps = num_samples // (global_batch * micro_batches)
         if self.steps == 0:
             raise ConfigError(f"--train_num_samples {num_samples} is smaller than one step's batch "
                               f"({global_batch * micro_batches}); use a smaller --batch_size")
         self.shards, self.num_samples, self.make_sample, self.seed = shards, num_samples, make_sample, seed
         self.rank, self.world, self.micro_batches, self.min_size = rank, world, micro_batches, min_size
-        self.local_batch = global_batch // world
         self._epoch = mp.Value("i", 0)  # shared, so that persistent workers see set_epoch
 
     def set_epoch(self, epoch: int) -> None:
