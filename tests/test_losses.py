@@ -308,8 +308,14 @@ def test_loss_matmuls_run_without_tf32_and_restore_the_setting(monkeypatch):
     original = losses._RowTerms.apply
     monkeypatch.setattr(losses._RowTerms, "apply",
                         lambda *args: seen.append(torch.backends.cuda.matmul.allow_tf32) or original(*args))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    image, text = (torch.nn.functional.normalize(torch.randn(6, 4), dim=1) for _ in range(2))
-    RankCLIPLoss(gather=False)(image, text, torch.tensor(10.0))
-    assert seen and not any(seen)
-    assert torch.backends.cuda.matmul.allow_tf32  # the towers' setting is back
+    # Set and restore the backend flag by hand: torch's cuBLAS module refuses the delattr with
+    # which newer pytest's monkeypatch undoes a setattr on it.
+    towers_setting = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        image, text = (torch.nn.functional.normalize(torch.randn(6, 4), dim=1) for _ in range(2))
+        RankCLIPLoss(gather=False)(image, text, torch.tensor(10.0))
+        assert seen and not any(seen)
+        assert torch.backends.cuda.matmul.allow_tf32  # the towers' setting is back
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = towers_setting
