@@ -6,7 +6,8 @@
    ImageNet-A and ImageNet-R by WordNet id, ImageNetV2 by class index `0/ ... 999/`), with
    open_clip's class names and OpenAI's 80 templates. ImageNet-A and ImageNet-R hold 200 of
    the 1000 classes: their folders say which.
-3. A torchvision dataset root (CIFAR10, SVHN, ...), read with `download=False`.
+3. A torchvision dataset root (CIFAR10, SVHN, ...), read with `download=False`. Caltech101's has
+   no split, so a fixed seeded one is drawn: 30 images per class train, the rest test.
 
 Every set yields `(image tensor, label)`, or None for an image that cannot be read: the
 evaluator skips and counts those.
@@ -24,7 +25,7 @@ import torch
 import torchvision.datasets as tvd
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from timm.data import ImageNetInfo
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .config import ConfigError
@@ -49,6 +50,8 @@ TORCHVISION_SETS: dict[str, tuple[type, dict, dict, str]] = {
     "STL10": (tvd.STL10, {"split": "test"}, {"split": "train"}, "stl10_binary/"),
     "SVHN": (tvd.SVHN, {"split": "test"}, {"split": "train"}, "test_32x32.mat and train_32x32.mat"),
 }
+CALTECH101_TRAIN_PER_CLASS = 30  # the usual protocol (Fei-Fei et al.; CLIP's 3,060 training images)
+CALTECH101_SPLIT_SEED = 0  # fixed, not --seed: every run is tested on the same images
 DIGITS = tuple(str(d) for d in range(10))  # SVHN's labels are its digits (torchvision maps "10" to 0)
 
 
@@ -159,6 +162,7 @@ class LabeledSet:
     num_classes: int
     classes: Optional[Sequence[str]] = None
     templates: Optional[Sequence[Callable[[str], str]]] = None
+    split: Optional[str] = None  # how train and test were drawn, where this project drew them
 
     def require_prompts(self) -> tuple[Sequence[str], Sequence[Callable[[str], str]]]:
         if self.classes is None or self.templates is None:
@@ -238,7 +242,25 @@ def _torchvision_set(name: str, root: Path, transform: Callable, train: bool) ->
         classes = [c.replace("_", " ") for c in known] if known else None
         templates = [Template(("a photo of a ", None, "."))] if known else None
     num_classes = len(classes) if classes else int(max(_targets(dataset))) + 1
-    return LabeledSet(name, SkipUnreadable(dataset), num_classes, classes, templates)
+    split = None
+    if name == "Caltech101":
+        dataset, split = _caltech101_split(dataset, train)
+    return LabeledSet(name, SkipUnreadable(dataset), num_classes, classes, templates, split)
+
+
+def _caltech101_split(dataset: Dataset, train: bool) -> tuple[Subset, str]:
+    """torchvision's Caltech101 is one unsplit set, so the same root serves as train and test folder:
+    per class, CALTECH101_TRAIN_PER_CLASS images drawn with a fixed seed train, the others test."""
+    labels = torch.tensor(_targets(dataset))
+    generator = torch.Generator().manual_seed(CALTECH101_SPLIT_SEED)
+    chosen = []
+    for label in range(int(labels.max()) + 1):
+        members = (labels == label).nonzero().flatten()
+        drawn = members[torch.randperm(len(members), generator=generator)]
+        chosen.append(drawn[:CALTECH101_TRAIN_PER_CLASS] if train else drawn[CALTECH101_TRAIN_PER_CLASS:])
+    description = (f"torchvision Caltech101 has no split: {CALTECH101_TRAIN_PER_CLASS} images per class drawn with "
+                   f"seed {CALTECH101_SPLIT_SEED} train, the rest test")
+    return Subset(dataset, torch.cat(chosen).sort().values.tolist()), description
 
 
 def _targets(dataset: Dataset) -> Sequence[int]:

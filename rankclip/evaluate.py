@@ -44,6 +44,7 @@ class LinearProbeTask:
     batch_size: int
     epochs: int
     seed: int
+    split: Optional[str] = None  # how the test images were held out, where this project drew them
 
 
 @dataclass
@@ -174,8 +175,9 @@ class Evaluator:
         probe = train_linear_probe(train_features, train_labels, task.num_classes, batch_size=task.batch_size,
                                    epochs=task.epochs, seed=task.seed, device=self.device)
         metrics = probe_accuracy(probe, test_features, test_labels, TOP_K)
-        return metrics | {"num_classes": task.num_classes, "num_samples": len(test_labels),
-                          "num_train_samples": len(train_labels), "eval_data_type": task.name}
+        split = {"eval_split": task.split} if task.split else {}
+        return metrics | split | {"num_classes": task.num_classes, "num_samples": len(test_labels),
+                                  "num_train_samples": len(train_labels), "eval_data_type": task.name}
 
     @torch.no_grad()
     def retrieval(self, model: torch.nn.Module, task: RetrievalTask) -> dict:

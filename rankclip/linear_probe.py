@@ -92,18 +92,31 @@ def train_linear_probe(features: Tensor, labels: Tensor, num_classes: int, *, ba
 @torch.no_grad()
 def probe_accuracy(probe: nn.Linear, features: Tensor, labels: Tensor,
                    ks: Sequence[int] = PROBE_KS) -> dict[str, float]:
-    """Top-k accuracy of `probe` on `features` [N, dim] with `labels` [N]: keys linear_probe_top{k}.
+    """Accuracy of `probe` on `features` [N, dim] with `labels` [N], two ways.
 
-    As in zero-shot evaluation, k is capped at the number of classes, so top-k with k ≥ C is 1.
-    Evaluated on the probe's device in chunks of EVAL_CHUNK rows.
+    linear_probe_top{k}: the fraction of samples whose label is among the k highest logits (as in
+    zero-shot evaluation, k is capped at the number of classes, so top-k with k ≥ C is 1); the
+    seed's metric. linear_probe_mean_per_class_top1: top-1 accuracy within each class, averaged over
+    the classes that have test samples; the metric CLIP and CyCLIP report for Caltech101,
+    FGVCAircraft, Flowers102 and OxfordIIITPet, whose test sets are unbalanced. Evaluated on the
+    probe's device in chunks of EVAL_CHUNK rows.
     """
     _check_data(features, labels, probe.out_features)
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be a non-empty list of positive integers, got {list(ks)}")
     device = probe.weight.device
     correct = dict.fromkeys(ks, 0)
+    per_class_hits = torch.zeros(probe.out_features, dtype=torch.long, device=device)
+    per_class_count = torch.zeros(probe.out_features, dtype=torch.long, device=device)
     for start in range(0, len(features), EVAL_CHUNK):
         logits = probe(features[start:start + EVAL_CHUNK].to(device, torch.float32))  # [c, C]
-        for k, hits in topk_correct(logits, labels[start:start + EVAL_CHUNK].to(device), ks).items():
+        chunk_labels = labels[start:start + EVAL_CHUNK].to(device)
+        for k, hits in topk_correct(logits, chunk_labels, ks).items():
             correct[k] += hits
-    return {f"linear_probe_top{k}": correct[k] / len(features) for k in ks}
+        per_class_count += torch.bincount(chunk_labels, minlength=probe.out_features)
+        per_class_hits += torch.bincount(chunk_labels[logits.argmax(dim=1) == chunk_labels],
+                                         minlength=probe.out_features)
+    present = per_class_count > 0
+    mean_per_class = (per_class_hits[present] / per_class_count[present]).mean().item()
+    return {f"linear_probe_top{k}": correct[k] / len(features) for k in ks} | {
+        "linear_probe_mean_per_class_top1": mean_per_class}

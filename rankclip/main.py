@@ -69,11 +69,14 @@ def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunL
     sets = zip(cfg.eval_data_type or (), cfg.eval_test_data_dir or (), cfg.eval_train_data_dir or repeat(None))
     for name, test_dir, train_dir in sets:
         test = load_eval_set(name, test_dir, bundle.val_transform)
+        if test.split:
+            log.info(f"{name}: {test.split}")
         if cfg.linear_probe:
             train = load_eval_set(name, train_dir, bundle.val_transform, train=True)
             num_classes = max(train.num_classes, test.num_classes)
             probes.append(LinearProbeTask(name, loader(train.dataset), loader(test.dataset), num_classes,
-                                          cfg.linear_probe_batch_size, cfg.linear_probe_num_epochs, cfg.seed))
+                                          cfg.linear_probe_batch_size, cfg.linear_probe_num_epochs, cfg.seed,
+                                          test.split))
         else:
             zero_shot.append(ZeroShotTask(name, loader(test.dataset), *test.require_prompts()))
     retrieval = []

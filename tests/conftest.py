@@ -83,6 +83,25 @@ def colour_shards(colour_data) -> str:
     return str(folder / "{00000..00003}.tar")
 
 
+def write_caltech101_root(root: Path, per_class: dict[str, int]) -> Path:
+    """torchvision's Caltech101 layout (`caltech101/101_ObjectCategories/<class>/image_0001.jpg`, ...,
+    with the BACKGROUND_Google folder that torchvision leaves out); each class's images share a colour."""
+    folder = root / "caltech101" / "101_ObjectCategories"
+    (folder / "BACKGROUND_Google").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "BACKGROUND_Google" / "image_0001.jpg")
+    for (name, count), colour in zip(per_class.items(), COLOURS.values()):
+        (folder / name).mkdir()
+        for i in range(1, count + 1):
+            Image.new("RGB", (8, 8), colour).save(folder / name / f"image_{i:04d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def caltech101_root(tmp_path_factory) -> Path:
+    """A torchvision Caltech101 root of three classes with 32, 35 and 40 images."""
+    return write_caltech101_root(tmp_path_factory.mktemp("caltech"), {"accordion": 32, "anchor": 35, "ant": 40})
+
+
 @pytest.fixture
 def single_thread():
     """Tiny tensors run faster on one thread: OpenMP hand-offs cost milliseconds per op on a busy CPU."""

@@ -135,6 +135,21 @@ def test_linear_probe_of_the_trained_features(trained, colour_data, tmp_path):
     assert "zeroshot_top1" not in record
 
 
+def test_caltech101_probe_is_tested_on_held_out_images_with_both_accuracies(trained, caltech101_root, tmp_path):
+    """One torchvision Caltech101 root for both folders: the probe trains on 30 images per class and is
+    tested on the other 17, and the record and the log say how they were drawn."""
+    argv = ["--checkpoint", str(trained / "checkpoints" / f"epoch_{EPOCHS}.pt"), "--model_name", "tiny-vit",
+            "--eval_data_type", "Caltech101", "--eval_test_data_dir", str(caltech101_root),
+            "--eval_train_data_dir", str(caltech101_root), "--linear_probe", "--linear_probe_num_epochs", "4",
+            "--logs", str(tmp_path), "--name", "caltech", "--num_workers", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    (record,) = json.loads((tmp_path / "caltech" / "results.json").read_text())
+    assert record["num_train_samples"] == 90 and record["num_samples"] == 17 and record["num_classes"] == 3
+    assert 0 <= record["linear_probe_mean_per_class_top1"] <= 1 and 0 <= record["linear_probe_top1"] <= 1
+    assert "30 images per class drawn with seed 0" in record["eval_split"]
+    assert record["eval_split"] in (tmp_path / "caltech" / "output.log").read_text()
+
+
 def test_training_from_webdataset_shards(colour_data, colour_shards, tmp_path, capsys):
     argv = flags(dict(colour_data, train=colour_shards), tmp_path, "shards", "--train_num_samples", "256")
     assert main(argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]) == 0

@@ -169,3 +169,22 @@ def test_retrieval_csv_groups_captions_by_image(tmp_path):
     assert data.captions == ["one", "two", "three", "four", "five"]
     assert data.caption_image.tolist() == [0, 1, 0, 2, 1]
     assert [data.images[i][1] for i in range(3)] == [0, 1, 2]
+
+
+def test_caltech101_root_is_split_30_per_class_the_same_way_every_time(caltech101_root):
+    """torchvision's Caltech101 has no split: training takes 30 seeded images per class, testing the rest."""
+    train = load_eval_set("Caltech101", caltech101_root, to_tensor, train=True)
+    test = load_eval_set("Caltech101", caltech101_root, to_tensor)
+    again = load_eval_set("Caltech101", caltech101_root, to_tensor, train=True)
+
+    def images(data):
+        inner = data.dataset.dataset  # SkipUnreadable(Subset(Caltech101))
+        return [(inner.dataset.y[i], inner.dataset.index[i]) for i in inner.indices]
+
+    assert len(train.dataset) == 3 * 30 and len(test.dataset) == (32 + 35 + 40) - 3 * 30
+    assert not set(images(train)) & set(images(test))
+    assert images(train) == images(again)
+    assert sorted(label for label, _ in images(test)) == [0] * 2 + [1] * 5 + [2] * 10
+    assert {index for label, index in images(train) if label == 2} != set(range(1, 31))  # drawn, not the first 30
+    assert "30 images per class" in train.split and "seed" in train.split and train.split == test.split
+    assert train.classes == test.classes == ["accordion", "anchor", "ant"]

@@ -27,8 +27,9 @@ def test_separable_clusters_are_learned():
     probe = train_linear_probe(features, labels, 10, epochs=4)
     test_features, test_labels = clusters(500, 32, 10, seed=2)
     got = probe_accuracy(probe, test_features, test_labels)
-    assert got.keys() == {"linear_probe_top1", "linear_probe_top3", "linear_probe_top5", "linear_probe_top10"}
-    assert got["linear_probe_top1"] > 0.97
+    assert got.keys() == {"linear_probe_top1", "linear_probe_top3", "linear_probe_top5", "linear_probe_top10",
+                          "linear_probe_mean_per_class_top1"}
+    assert got["linear_probe_top1"] > 0.97 and got["linear_probe_mean_per_class_top1"] > 0.97
 
 
 def test_random_labels_give_chance_on_held_out_data():
@@ -105,3 +106,17 @@ def test_bad_labels_are_rejected():
         train_linear_probe(features, torch.tensor([0, 1]), 3)
     with pytest.raises(ValueError, match="integer"):
         train_linear_probe(features, torch.zeros(5), 3)
+
+
+def test_mean_per_class_accuracy_weighs_every_class_alike():
+    """A probe that predicts the largest feature: class 0 gets 3 of 4 right, class 1 0 of 1, class 2
+    5 of 5, class 3 has no test sample (left out of the mean). Plain accuracy 8/10; mean per class
+    (3/4 + 0/1 + 5/5) / 3."""
+    probe = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(4))
+    predicted = torch.tensor([0, 0, 0, 2, 3, 2, 2, 2, 2, 2])
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2, 2, 2, 2])
+    got = probe_accuracy(probe, torch.nn.functional.one_hot(predicted, 4).float(), labels)
+    assert got["linear_probe_top1"] == pytest.approx(0.8)
+    assert got["linear_probe_mean_per_class_top1"] == pytest.approx((3 / 4 + 0 / 1 + 5 / 5) / 3)
