@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Optional
@@ -62,7 +65,85 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 # Processes and devices: one process, `--distributed` (one spawned process per GPU), torchrun
 # (env://, any number of nodes) or Slurm's srun (SLURM_* variables + MASTER_ADDR/MASTER_PORT).
 
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)  # rank 0 may evaluate a large set while others wait
+# The longest a collective waits for a peer. Ranks that wait for rank-0-only work (evaluation,
+# saving) wait in Runtime.barrier, which has no limit, so this only ends a run whose peer vanished.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+PEER_POLL_SECONDS = 1.0
+FAILED_KEY = "failed"
+
+
+class Peers:
+    """The run's other processes, seen through the rendezvous store that every rank is connected to.
+
+    Under srun nothing ends the other tasks when one fails (torchrun's agent and --distributed's
+    parent do), and an NCCL collective does not notice a dead peer: they would wait out
+    PROCESS_GROUP_TIMEOUT. So a rank that fails writes so into the store, and a thread in every
+    rank looks there every PEER_POLL_SECONDS and ends its process when another rank failed or the
+    store is gone (rank 0, its host under srun, died). A task killed without a word (the OOM killer)
+    other than rank 0 is ended by srun's --kill-on-bad-exit=1 instead.
+
+    `barrier` meets in the store rather than in a collective, so ranks may wait there any time.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, world: int) -> None:
+        self.store, self.rank, self.world = dist.PrefixStore("rankclip", store), rank, world
+        self.barriers = 0
+        self.done = threading.Event()  # set when this rank stops watching: it failed or finished
+        threading.Thread(target=self._watch, name="rankclip-peers", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(PEER_POLL_SECONDS):
+            if self._ask(lambda: self.store.check([FAILED_KEY])):
+                failed = self._ask(lambda: self.store.get(FAILED_KEY).decode())
+                time.sleep(PEER_POLL_SECONDS)  # a rank failing for the same reason gets to say so itself
+                self._end(f"{failed} failed (its error is in its output)")
+
+    def _ask(self, question: Callable):
+        """The store's answer; a rank that cannot reach the store any more ends, unless it is done."""
+        try:
+            return question()
+        except RuntimeError:
+            if self.done.is_set():
+                return None
+            self._end("rank 0, which holds the run's store, is gone")
+
+    def _end(self, reason: str) -> None:
+        if not self.done.is_set():
+            print(f"rankclip: error: [rank {self.rank}] {reason}; ending this rank", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def barrier(self) -> None:
+        """Wait until every rank has called barrier as often as this one, with no time limit."""
+        self.barriers += 1
+        key = f"barrier{self.barriers}"
+        self._ask(lambda: self.store.add(key, 1))
+        self._wait_for_every_rank(key)
+
+    def announce_failure(self) -> None:
+        self.done.set()
+        try:
+            self.store.set(FAILED_KEY, f"rank {self.rank}")
+        except RuntimeError:
+            pass  # the store is gone too: the others see that instead
+
+    def finish(self) -> None:
+        """Stop watching. Rank 0 then waits for every rank to finish: under srun the store lives in
+        rank 0's process, and a rank that could not reach it any more would take rank 0 for dead."""
+        self.done.set()
+        self._ask(lambda: self.store.add("finished", 1))
+        if self.rank == 0:
+            self._wait_for_every_rank("finished", unless_one_failed=True)
+
+    def _wait_for_every_rank(self, counter: str, unless_one_failed: bool = False) -> None:
+        pause = 0.01
+        while True:
+            count = self._ask(lambda: self.store.add(counter, 0))
+            if count is None or count >= self.world:  # None: this rank is done and the store gone
+                return
+            if unless_one_failed and self._ask(lambda: self.store.check([FAILED_KEY])):
+                return
+            time.sleep(pause)
+            pause = min(2 * pause, PEER_POLL_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -73,6 +154,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    peers: Optional[Peers] = None  # the other processes, in a multi-process run
 
     @property
     def is_main(self) -> bool:
@@ -99,8 +181,10 @@ class Runtime:
         return torch.compile(wrapped) if compile else wrapped
 
     def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
+        """Wait for every rank. Not a collective: ranks may wait here as long as rank-0-only work
+        (a linear probe on a large set, a checkpoint) takes, without PROCESS_GROUP_TIMEOUT ending them."""
+        if self.peers is not None:
+            self.peers.barrier()
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of `values` over all ranks (a sync point); `values` itself for one process."""
@@ -122,16 +206,49 @@ def resolve_device(requested: Optional[str], index: int) -> torch.device:
     return torch.device("cuda", index)
 
 
+def task_device(local_rank: int) -> torch.device:
+    """The GPU of a process that a launcher started: the only one it sees (srun --gpus-per-task=1
+    shows each task its own GPU as cuda:0), else the one of its local rank."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise ConfigError(f"this process has local rank {local_rank} but sees {count} GPUs, none of them its own: "
+                          f"give each task one GPU (srun --gpus-per-task=1) or all tasks of a node all its GPUs")
+    return torch.device("cuda", local_rank)
+
+
 def _launcher_env() -> Optional[tuple[int, int, int]]:
-    """(rank, local rank, world size) set by torchrun or Slurm, or None for a plain launch."""
+    """(rank, local rank, world size) set by torchrun or srun, or None for a plain launch.
+
+    Of Slurm's variables only srun's tell a task of a step apart from the batch script: sbatch
+    runs the script once, with SLURM_NTASKS of the whole job and SLURM_PROCID 0, but without
+    SLURM_STEP_NUM_TASKS, which srun sets for every task it starts.
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise ConfigError("under srun set MASTER_ADDR (first node's host name) and MASTER_PORT before launching")
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"])
     return None
+
+
+def _check_outside_srun(cfg: Config) -> None:
+    """A plain launch inside a Slurm job of several tasks is its batch script (or an salloc shell),
+    not one of the tasks: say what that runs, or refuse when it cannot cover the job's nodes."""
+    env = os.environ
+    tasks, nodes = int(env.get("SLURM_NTASKS", "1")), int(env.get("SLURM_JOB_NUM_NODES", "1"))
+    if "SLURM_JOB_ID" not in env or "SLURM_STEP_NUM_TASKS" in env or tasks == 1:
+        return
+    where = f"this process is the job's batch script, not an srun task (SLURM_NTASKS={tasks})"
+    if cfg.distributed and nodes > 1:
+        raise ConfigError(f"--distributed spawns processes on this node only, but the job has {nodes} nodes and "
+                          f"{where}: start the tasks with srun python -m rankclip.main ... without --distributed")
+    if not cfg.distributed:
+        print(f"rankclip: warning: Slurm gave this job {tasks} tasks but {where}: running one process; start "
+              f"them with srun python -m rankclip.main ... (README: Slurm)", file=sys.stderr)
 
 
 def configure_device(device: torch.device) -> None:
@@ -144,25 +261,33 @@ def configure_device(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
 
 
-def _init_process_group(cfg: Config, device: torch.device, rank: int, world: int, init_method: str) -> None:
-    backend = cfg.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
-    configure_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=PROCESS_GROUP_TIMEOUT)
-
-
 def _run_member(fn: Callable[[Runtime, Config], None], runtime: Runtime, cfg: Config, init_method: str) -> None:
-    """Join the process group, run, and always leave it (so no rank hangs on exit)."""
-    _init_process_group(cfg, runtime.device, runtime.rank, runtime.world_size, init_method)
+    """Join the process group, run, and always leave it (so no rank hangs on exit).
+
+    A failure here ends the other ranks within seconds (see Peers); a success waits for them to
+    finish, so that rank 0's store outlives their last look at it."""
+    backend = cfg.distributed_backend or ("nccl" if runtime.device.type == "cuda" else "gloo")
+    configure_device(runtime.device)
+    store, _, _ = next(dist.rendezvous(init_method, runtime.rank, runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT))
+    store.set_timeout(PROCESS_GROUP_TIMEOUT)
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=runtime.rank,
+                            world_size=runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    peers = Peers(store, runtime.rank, runtime.world_size)
     try:
-        fn(runtime, cfg)
+        fn(dataclasses.replace(runtime, peers=peers), cfg)
+    except Exception:
+        peers.announce_failure()
+        raise
+    else:
+        peers.finish()
     finally:
+        peers.done.set()
         dist.destroy_process_group()
 
 
 def process_label() -> str:
     """'[rank r] ' in a multi-process run (for error lines), '' otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_STEP_NUM_TASKS", "1")))
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     return f"[rank {rank}] " if world > 1 else ""
 
@@ -192,9 +317,11 @@ def launch(fn: Callable[[Runtime, Config], None], cfg: Config) -> None:
     if launched is not None:
         rank, local_rank, world = launched
         on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
-        device = resolve_device("gpu", local_rank) if on_gpu else torch.device("cpu")
+        device = task_device(local_rank) if on_gpu else torch.device("cpu")
         _run_member(fn, Runtime(rank, local_rank, world, device), cfg, "env://")
-    elif cfg.distributed:
+        return
+    _check_outside_srun(cfg)
+    if cfg.distributed:
         if cfg.device == "cpu" or not torch.cuda.is_available():
             raise ConfigError("--distributed spawns one process per GPU and no GPU is visible; "
                               "on CPUs use torchrun --nproc_per_node N -m rankclip.main")
