@@ -24,8 +24,10 @@ from test_distributed import command, free_port
 TASK = Path(__file__).resolve().parent / "slurm_task.py"
 DATA = ["--train_data", str(TASK)]  # any existing file: launch() is faked, nothing reads it
 
-# The batch step: the one copy of the script that sbatch runs, of a job with --ntasks=4 on one node.
-# Up to Slurm 25.x it has no SLURM_STEP_ID; later versions write the batch step's id (0xfffffffb) with "%d".
+# The batch step: the one copy of the script that sbatch runs, of a job with --ntasks=4 on one node
+# (env_array_for_batch_job, then setup_env for task 0). Released Slurm sets no SLURM_STEP_ID there;
+# its development code since May 2026 (commit 87077e7) reads as writing the batch step's id
+# 0xfffffffb with "%d", i.e. -5. Only srun's env_array_for_step sets SLURM_STEP_NUM_TASKS.
 BATCH_STEP = {
     "SLURM_JOB_ID": "4242", "SLURM_JOBID": "4242", "SLURM_JOB_NAME": "rankclip", "SLURM_CLUSTER_NAME": "lab",
     "SLURM_JOB_PARTITION": "gpu", "SLURM_NTASKS": "4", "SLURM_NPROCS": "4", "SLURM_TASKS_PER_NODE": "4",
