@@ -32,6 +32,14 @@ def rank_0_is_killed(runtime, cfg) -> None:
     time.sleep(NEVER)
 
 
+def rank_1_is_killed(runtime, cfg) -> None:
+    """Killed without a word, as the OOM killer does."""
+    runtime.barrier()
+    if runtime.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(NEVER)
+
+
 def long_rank_0_evaluation(runtime, cfg) -> None:
     if runtime.rank == 0:
         time.sleep(3 * COLLECTIVE_TIMEOUT.total_seconds() / 2)  # longer than a collective may wait
@@ -47,11 +55,14 @@ def rank_0_ends_first(runtime, cfg) -> None:
     print(f"rank {runtime.rank} done")
 
 
-SCENARIOS = {f.__name__: f for f in (rank_1_fails, rank_0_is_killed, long_rank_0_evaluation, rank_0_ends_first)}
+SCENARIOS = {f.__name__: f for f in (rank_1_fails, rank_0_is_killed, rank_1_is_killed, long_rank_0_evaluation,
+                                      rank_0_ends_first)}
 COLLECTIVE_TIMEOUT = timedelta(seconds=8)
+SILENCE = 5.0  # seconds, for PEER_SILENCE_SECONDS
 
 if __name__ == "__main__":
     distributed.PROCESS_GROUP_TIMEOUT = COLLECTIVE_TIMEOUT
+    distributed.PEER_SILENCE_SECONDS = SILENCE
     try:
         distributed.launch(SCENARIOS[sys.argv[1]], parse_config(["--device", "cpu"]))
     except ConfigError as e:
