@@ -1,8 +1,9 @@
 """Checkpoints: atomic writes, exact resume, and import of checkpoints made elsewhere.
 
-Every file is written to a temporary name in the same folder and renamed into place, so a
-crash or a full disk never leaves a truncated checkpoint under a real name. Checkpoints hold
-only plain types and tensors and are always read with `weights_only=True`.
+Every file is written to a temporary name in the same folder, fsynced, renamed into place and
+the folder fsynced, so a crash, a power cut or a full disk never leaves a truncated checkpoint
+under a real name. Checkpoints hold only plain types and tensors and are always read with
+`weights_only=True`.
 """
 
 from __future__ import annotations
@@ -33,19 +34,36 @@ def atomic_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _atomic_alias(src: Path, dst: Path) -> None:
-    """Make `dst` a copy of `src` atomically: a hard link when the file system allows one."""
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (the new name lives in the folder's own data)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_alias(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of `src` atomically: a hard link when the file system allows one, else a
+    copy that is fsynced before it is renamed into place."""
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        fsync_folder(dst.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -174,9 +192,9 @@ class Checkpointer:
         }
         path = self.dir / f"epoch_{epoch}.pt"
         atomic_save(state, path)
-        _atomic_alias(path, self.latest)
+        atomic_alias(path, self.latest)
         if improved:
-            _atomic_alias(path, self.dir / "epoch.best.pt")
+            atomic_alias(path, self.dir / "epoch.best.pt")
 
     def restore(self, obj: dict) -> None:
         """Pick up the best validation loss so far from a resumed checkpoint."""

@@ -1,7 +1,11 @@
+import errno
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
-from rankclip.checkpoint import Checkpointer, atomic_save, extract_state_dict, load_model_weights, read_checkpoint
+from rankclip.checkpoint import Checkpointer, atomic_alias, atomic_save, extract_state_dict, load_model_weights, read_checkpoint
 from rankclip.config import Config, ConfigError
 
 
@@ -104,3 +108,37 @@ def test_checkpointer_keeps_latest_and_best(tmp_path):
     assert (best["epoch"], best["best_validation_loss"]) == (2, 1.0)
     assert latest["config"]["model_name"] == "tiny-vit" and latest["model_name"] == "tiny-vit"
     assert set(latest["rng"]) >= {"torch", "python"}
+
+
+def record_fsyncs(monkeypatch) -> list[str]:
+    """The paths that os.fsync is called on from now on."""
+    synced, fsync = [], os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return synced
+
+
+def test_a_copied_alias_and_its_folder_are_fsynced(tmp_path, monkeypatch):
+    source = tmp_path / "epoch_1.pt"
+    atomic_save({"value": torch.tensor(1)}, source)
+    synced = record_fsyncs(monkeypatch)
+
+    def no_hard_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    atomic_alias(source, tmp_path / "epoch_latest.pt")
+    assert read_checkpoint(tmp_path / "epoch_latest.pt")["value"].item() == 1
+    assert any(Path(p).name.startswith(".epoch_latest.pt.tmp") for p in synced), synced  # the copy, before rename
+    assert synced[-1] == str(tmp_path)  # the folder, after the rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
+
+
+def test_a_saved_file_is_renamed_durably(tmp_path, monkeypatch):
+    synced = record_fsyncs(monkeypatch)
+    atomic_save({"value": torch.tensor(1)}, tmp_path / "ckpt.pt")
+    assert synced[-1] == str(tmp_path)
