@@ -19,6 +19,8 @@ import safetensors.torch
 import torch
 
 from .config import Config, ConfigError
+from .logger import log
+from .optim import state_by_name
 
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -201,8 +203,9 @@ class Checkpointer:
         self.best_loss = obj.get("best_validation_loss")
 
 
-def restore_training(obj: dict, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                     checkpointer: Checkpointer, steps_per_epoch: int) -> tuple[int, int]:
+def restore_training(obj: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: Optional[torch.amp.GradScaler], checkpointer: Checkpointer,
+                     steps_per_epoch: int) -> tuple[int, int]:
     """Optimizer, scaler, RNG and best loss from a checkpoint whose weights are already loaded.
 
     Returns (first epoch to train, global step). Checkpoints of the seed/CyCLIP carry no step or
@@ -211,11 +214,7 @@ def restore_training(obj: dict, optimizer: torch.optim.Optimizer, scaler: Option
     if "epoch" not in obj:
         raise ConfigError("the checkpoint has no 'epoch': it holds weights only; use --pretrained PATH to start from it")
     if "optimizer" in obj:
-        try:
-            optimizer.load_state_dict(obj["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"the checkpoint's optimizer state does not fit this model ({e}); "
-                              f"use --pretrained PATH to start from its weights only") from e
+        restore_optimizer(obj, model, optimizer)
     if scaler is not None and obj.get("scaler"):
         scaler.load_state_dict(obj["scaler"])
     if "rng" in obj:
@@ -223,3 +222,18 @@ def restore_training(obj: dict, optimizer: torch.optim.Optimizer, scaler: Option
     checkpointer.restore(obj)
     epoch = int(obj["epoch"])
     return epoch + 1, int(obj.get("step", epoch * steps_per_epoch))
+
+
+def restore_optimizer(obj: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The checkpoint's optimizer state, matched to `optimizer`'s parameters by name (see optim.py);
+    if it does not map completely, the optimizer starts fresh and one warning says why."""
+    saved_order = list(extract_state_dict(obj))
+    mapped, reason = state_by_name(obj["optimizer"], saved_order, model)
+    if mapped is not None:
+        try:
+            optimizer.load_state_dict(mapped)
+            return
+        except (ValueError, KeyError, TypeError) as e:
+            reason = str(e)
+    log.warning(f"the checkpoint's optimizer state does not fit this model ({reason}): "
+                f"training continues with a fresh optimizer (Adam moments start from zero)")

@@ -24,7 +24,8 @@ from .loaders import build_train_data
 from .logger import RunLogger, log, setup_console_logging
 from .losses import build_loss, rank_weight
 from .models import build_model
-from .train import CosineSchedule, Trainer, autocast, build_optimizer
+from .optim import build_optimizer
+from .train import CosineSchedule, Trainer, autocast
 
 EVAL_BATCH_SIZE = 256
 
@@ -133,7 +134,7 @@ def run(runtime: Runtime, cfg: Config) -> None:
     start_epoch, step = 1, 0
     if resume_from is not None:
         obj = load_model_weights(bundle.model, resume_from)
-        start_epoch, step = restore_training(obj, optimizer, scaler, checkpointer, steps_per_epoch)
+        start_epoch, step = restore_training(obj, bundle.model, optimizer, scaler, checkpointer, steps_per_epoch)
         log.info(f"resumed from {resume_from} at epoch {start_epoch}, step {step}")
 
     trainer = Trainer(

@@ -1,4 +1,4 @@
-"""The training loop: batch -> forward -> loss -> backward -> step -> log, plus optimizer and schedule."""
+"""The training loop: batch -> forward -> loss -> backward -> step -> log, plus the lr schedule."""
 
 from __future__ import annotations
 
@@ -26,21 +26,6 @@ MAX_LOGIT_SCALE = math.log(100)
 
 class DataError(ConfigError):
     """Too much of the training data cannot be read (reported like a configuration error: one line)."""
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float,
-                    weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the seed's groups: no weight decay on parameters whose names hold bn, ln, bias or
-    logit_scale, decay on all others. Exactly the seed's rule (by name only), so that the seed's
-    and CyCLIP's optimizer states load into these groups."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = any(key in name for key in ("bn", "ln", "bias", "logit_scale"))
-        (no_decay if exempt else decay).append(param)
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from rankclip.train import CosineSchedule, DataError, FailureCounter, build_optimizer
+from rankclip.optim import build_optimizer
+from rankclip.train import CosineSchedule, DataError, FailureCounter
 
 
 def test_schedule_warms_up_from_step_zero_and_ends_at_zero():

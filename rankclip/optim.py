@@ -1,0 +1,76 @@
+"""AdamW with the seed's parameter groups, and optimizer states mapped onto them by parameter name.
+
+torch's optimizer state names parameters by position (0, 1, ... over the groups in order). The
+original RankCLIP and CyCLIP code registers each transformer block's modules as attn, ln_1, mlp,
+ln_2, open_clip as ln_1, attn, ln_2, mlp, so the same position holds another parameter there.
+A checkpoint's `state_dict` lists the parameters in the order of the model that wrote it; with
+the seed's group rule that order gives every saved position its parameter name, and the state
+is moved to the position that name has here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
+
+
+def decays_weight(name: str) -> bool:
+    """The seed's rule, by name only: no weight decay on names holding bn, ln, bias or logit_scale."""
+    return not any(key in name for key in NO_DECAY_KEYS)
+
+
+def grouped_names(names: list[str]) -> list[list[str]]:
+    """Parameter names in the seed's group order: [no decay, decay], each in the given order."""
+    return [[n for n in names if not decays_weight(n)], [n for n in names if decays_weight(n)]]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the seed's groups (no decay, then decay), so that the seed's and CyCLIP's
+    optimizer states fit these groups once their parameters are matched by name."""
+    params = dict(trainable_parameters(model))
+    no_decay, decay = grouped_names(list(params))
+    groups = [{"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+              {"params": [params[n] for n in decay], "weight_decay": weight_decay}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def state_by_name(saved: dict, saved_order: list[str], model: torch.nn.Module) -> tuple[Optional[dict], str]:
+    """`saved` (an optimizer state_dict written for a model whose parameters came in `saved_order`)
+    re-indexed for `build_optimizer(model)`; (None, reason) when it does not map completely.
+
+    `saved_order`: the writer's parameter names in its registration order, i.e. the keys of its
+    checkpoint's state_dict (prefixes removed) that are trainable parameters here.
+    """
+    params = dict(trainable_parameters(model))
+    groups = saved.get("param_groups", [])
+    saved_groups = grouped_names([n for n in saved_order if n in params])
+    if len(groups) != len(saved_groups) or any(len(g["params"]) != len(names)
+                                               for g, names in zip(groups, saved_groups)):
+        sizes = [len(g["params"]) for g in groups]
+        return None, (f"its parameter groups hold {sizes} parameters, the seed's rule gives "
+                      f"{[len(names) for names in saved_groups]}")
+    name_of = {index: name for g, names in zip(groups, saved_groups) for index, name in zip(g["params"], names)}
+    missing = sorted(set(params) - set(name_of.values()))
+    if missing:
+        return None, f"it has no state for {missing[:3]} ({len(missing)} parameters)"
+    position = {name: i for i, name in enumerate(n for names in grouped_names(list(params)) for n in names)}
+    state = {}
+    for index, moments in saved.get("state", {}).items():
+        name = name_of.get(index)
+        if name is None:
+            return None, f"its state {index} belongs to no parameter"
+        for key, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[name].shape:
+                return None, f"{key} of {name} has shape {tuple(value.shape)}, the parameter {tuple(params[name].shape)}"
+        state[position[name]] = moments
+    mapped_groups = [dict(g, params=[position[n] for n in names])
+                     for g, names in zip(groups, grouped_names(list(params)))]
+    return {"state": state, "param_groups": mapped_groups}, ""
