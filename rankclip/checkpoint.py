@@ -9,7 +9,6 @@ under a real name. Checkpoints hold only plain types and tensors and are always 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,8 +18,10 @@ import safetensors.torch
 import torch
 
 from .config import Config, ConfigError
+from .distributed import Runtime
 from .logger import log
 from .optim import state_by_name
+from .rankstate import restore_rng, saved_rank_states, seed_rank
 
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -140,27 +141,6 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict:
     return obj
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    """torch.load returns Python's random state with lists where tuples were."""
-    if isinstance(value, list):
-        return tuple(_as_tuple(v) for v in value)
-    return value
-
-
 class Checkpointer:
     """Owns <run>/checkpoints: epoch_<N>.pt every epoch, epoch_latest.pt, and epoch.best.pt by validation loss."""
 
@@ -174,7 +154,9 @@ class Checkpointer:
         return self.dir / "epoch_latest.pt"
 
     def save(self, *, epoch: int, step: int, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: Optional[torch.amp.GradScaler], validation_loss: Optional[float]) -> None:
+             scaler: Optional[torch.amp.GradScaler], validation_loss: Optional[float],
+             rank_states: Optional[list[dict]]) -> None:
+        """Rank 0 writes; `rank_states` are every rank's own states (rankstate.gather_rank_states)."""
         if not self.enabled:
             return
         improved = validation_loss is not None and (self.best_loss is None or validation_loss < self.best_loss)
@@ -189,7 +171,8 @@ class Checkpointer:
             "state_dict": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(),
+            "world_size": len(rank_states),
+            "ranks": rank_states,
             "best_validation_loss": self.best_loss,
         }
         path = self.dir / f"epoch_{epoch}.pt"
@@ -204,12 +187,13 @@ class Checkpointer:
 
 
 def restore_training(obj: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: Optional[torch.amp.GradScaler], checkpointer: Checkpointer,
-                     steps_per_epoch: int) -> tuple[int, int]:
-    """Optimizer, scaler, RNG and best loss from a checkpoint whose weights are already loaded.
+                     scaler: Optional[torch.amp.GradScaler], checkpointer: Checkpointer, steps_per_epoch: int,
+                     runtime: Runtime, seed: int) -> tuple[int, int]:
+    """Optimizer, scaler, this rank's RNG and the best loss from a checkpoint whose weights are
+    already loaded.
 
     Returns (first epoch to train, global step). Checkpoints of the seed/CyCLIP carry no step or
-    RNG state: the step is then derived from the epoch.
+    RNG state: the step is then derived from the epoch, and the ranks keep their (seed, rank) seeding.
     """
     if "epoch" not in obj:
         raise ConfigError("the checkpoint has no 'epoch': it holds weights only; use --pretrained PATH to start from it")
@@ -217,11 +201,22 @@ def restore_training(obj: dict, model: torch.nn.Module, optimizer: torch.optim.O
         restore_optimizer(obj, model, optimizer)
     if scaler is not None and obj.get("scaler"):
         scaler.load_state_dict(obj["scaler"])
-    if "rng" in obj:
-        set_rng_state(obj["rng"])
     checkpointer.restore(obj)
     epoch = int(obj["epoch"])
-    return epoch + 1, int(obj.get("step", epoch * steps_per_epoch))
+    step = int(obj.get("step", epoch * steps_per_epoch))
+    restore_rank_rng(obj, runtime, seed, step)
+    return epoch + 1, step
+
+
+def restore_rank_rng(obj: dict, runtime: Runtime, seed: int, step: int) -> None:
+    """Each rank's own generators back; when the number of processes changed, a deterministic re-seed."""
+    world, states = saved_rank_states(obj)
+    if world == runtime.world_size:
+        restore_rng(states[runtime.rank]["rng"], runtime.device, runtime.rank)
+    elif world:
+        log.info(f"world size changed: the checkpoint was written by {world} processes, this run has "
+                 f"{runtime.world_size}; each rank's random state is re-seeded from (seed, rank, step {step})")
+        seed_rank(seed, runtime.rank, step)
 
 
 def restore_optimizer(obj: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

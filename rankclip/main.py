@@ -24,6 +24,7 @@ from .loaders import build_train_data
 from .logger import RunLogger, log, setup_console_logging
 from .losses import build_loss, rank_weight
 from .models import build_model
+from .rankstate import seed_rank
 from .optim import build_optimizer
 from .train import CosineSchedule, Trainer, autocast
 
@@ -131,10 +132,12 @@ def run(runtime: Runtime, cfg: Config) -> None:
     use_scaler = runtime.device.type == "cuda" and cfg.precision == "amp"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     checkpointer = Checkpointer(cfg.run_dir, enabled=runtime.is_main)
+    seed_rank(cfg.seed, runtime.rank)  # weights are built (and broadcast by DDP): now each rank's own stream
     start_epoch, step = 1, 0
     if resume_from is not None:
         obj = load_model_weights(bundle.model, resume_from)
-        start_epoch, step = restore_training(obj, bundle.model, optimizer, scaler, checkpointer, steps_per_epoch)
+        start_epoch, step = restore_training(obj, bundle.model, optimizer, scaler, checkpointer, steps_per_epoch,
+                                             runtime, cfg.seed)
         log.info(f"resumed from {resume_from} at epoch {start_epoch}, step {step}")
 
     trainer = Trainer(

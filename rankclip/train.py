@@ -20,6 +20,7 @@ from .evaluate import Evaluator
 from .loaders import TrainData
 from .logger import RunLogger, log, progress_interval
 from .losses import rank_weight
+from .rankstate import capture_rng, cpu_group, gather_rank_states
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -117,6 +118,9 @@ class Trainer:
     cfg: object  # rankclip.config.Config
     step: int = 0
 
+    def __post_init__(self) -> None:
+        self.cpu_group = cpu_group()  # every rank creates it, at the same point
+
     def fit(self, start_epoch: int) -> None:
         epochs = self.cfg.epochs
         if start_epoch == 1:
@@ -127,8 +131,10 @@ class Trainer:
             train_metrics = self.train_epoch(epoch, weight)
             self.logger.results(epoch, "train", train_metrics)
             validation_loss = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
+            rank_states = gather_rank_states({"rng": capture_rng(self.runtime.device)}, self.cpu_group)
             self.checkpointer.save(epoch=epoch, step=self.step, cfg=self.cfg, model=self.unwrapped,
-                                   optimizer=self.optimizer, scaler=self.scaler, validation_loss=validation_loss)
+                                   optimizer=self.optimizer, scaler=self.scaler, validation_loss=validation_loss,
+                                   rank_states=rank_states)
             self.runtime.barrier()  # the other ranks wait while rank 0 evaluates and saves
         self.logger.write_curves()
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from rankclip.checkpoint import read_checkpoint
 
@@ -164,3 +165,23 @@ def test_a_dead_rank_ends_the_run(colour_data, tmp_path):
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", "--", "--name killed"], capture_output=True, text=True).stdout.split()
     assert left == [], "a rank outlived the run"
+
+
+def test_ranks_draw_their_own_masks_and_resume_them_exactly(colour_data, tmp_path):
+    """Patch dropout 0.5 with 2 processes: each rank has its own RNG stream, saved and restored per rank
+    (rank 0's validation moves its generator past the other ranks')."""
+    extra = ["--model_name", "tiny-vit-patchdrop", "--epochs", "2", "--batch_size", "64", "--loss", "clip",
+             "--validation_data", str(colour_data["validation"])]
+    straight = run(command(colour_data, tmp_path, "straight", 2, *extra))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    folder = tmp_path / "resumed" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "epoch_latest.pt").write_bytes((tmp_path / "straight" / "checkpoints" / "epoch_1.pt").read_bytes())
+    resumed = run(command(colour_data, tmp_path, "resumed", 2, *extra, "--resume", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = read_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch_2.pt")["state_dict"]
+    again = read_checkpoint(folder / "epoch_2.pt")["state_dict"]
+    assert all(torch.equal(expected[k], again[k]) for k in expected), relative_difference(expected, again)
+    first = read_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch_1.pt")
+    assert first["world_size"] == 2 and len(first["ranks"]) == 2
+    assert not torch.equal(first["ranks"][0]["rng"]["torch"], first["ranks"][1]["rng"]["torch"])
