@@ -8,16 +8,18 @@ under a real name. Checkpoints hold only plain types and tensors and are always 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import safetensors.torch
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, best_metric_key, higher_is_better
 from .distributed import Runtime
 from .logger import log
 from .optim import state_by_name
@@ -141,27 +143,44 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict:
     return obj
 
 
-class Checkpointer:
-    """Owns <run>/checkpoints: epoch_<N>.pt every epoch, epoch_latest.pt, and epoch.best.pt by validation loss."""
+@dataclass
+class BestMetric:
+    """The quantity epoch.best.pt is chosen by (a --best_metric name) and its best value so far."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+    name: str
+    value: Optional[float] = None
+
+    def improved_by(self, recorded: dict[str, float]) -> bool:
+        """Take this epoch's recorded numbers; True (and remember the value) when they beat the best."""
+        value = recorded.get(best_metric_key(self.name))
+        if value is None or math.isnan(value):
+            return False
+        better = self.value is None or (value > self.value if higher_is_better(self.name) else value < self.value)
+        if better:
+            self.value = value
+        return better
+
+
+class Checkpointer:
+    """Owns <run>/checkpoints: epoch_<N>.pt every epoch, epoch_latest.pt, and epoch.best.pt by --best_metric."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, best_metric: str = Config.best_metric) -> None:
         self.dir = run_dir / "checkpoints"
         self.enabled = enabled
-        self.best_loss: Optional[float] = None
+        self.best = BestMetric(best_metric)
 
     @property
     def latest(self) -> Path:
         return self.dir / "epoch_latest.pt"
 
     def save(self, *, epoch: int, step: int, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: Optional[torch.amp.GradScaler], validation_loss: Optional[float],
+             scaler: Optional[torch.amp.GradScaler], recorded: dict[str, float],
              rank_states: Optional[list[dict]]) -> None:
-        """Rank 0 writes; `rank_states` are every rank's own states (rankstate.gather_rank_states)."""
+        """Rank 0 writes; `recorded`: the epoch's evaluation (Evaluator.run); `rank_states`: every
+        rank's own states (rankstate.gather_rank_states)."""
         if not self.enabled:
             return
-        improved = validation_loss is not None and (self.best_loss is None or validation_loss < self.best_loss)
-        if improved:
-            self.best_loss = validation_loss
+        improved = self.best.improved_by(recorded)
         state = {
             "epoch": epoch,
             "step": step,
@@ -173,7 +192,8 @@ class Checkpointer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "world_size": len(rank_states),
             "ranks": rank_states,
-            "best_validation_loss": self.best_loss,
+            "best_metric": self.best.name,
+            "best_value": self.best.value,
         }
         path = self.dir / f"epoch_{epoch}.pt"
         atomic_save(state, path)
@@ -182,8 +202,12 @@ class Checkpointer:
             atomic_alias(path, self.dir / "epoch.best.pt")
 
     def restore(self, obj: dict) -> None:
-        """Pick up the best validation loss so far from a resumed checkpoint."""
-        self.best_loss = obj.get("best_validation_loss")
+        """Pick up the best value so far from a resumed checkpoint (when it was chosen by the same quantity)."""
+        if obj.get("best_metric") == self.best.name:
+            self.best.value = obj.get("best_value")
+        elif obj.get("best_metric") is not None:
+            log.info(f"the checkpoint's best epoch was chosen by {obj['best_metric']}, this run uses "
+                     f"--best_metric {self.best.name}: epoch.best.pt is chosen afresh from now on")
 
 
 def restore_training(obj: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

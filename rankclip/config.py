@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ LOSSES = ("rankclip", "clip", "cyclip")
 DATASET_TYPES = ("auto", "csv", "webdataset")
 PRECISIONS = ("amp", "amp_bf16", "fp32")
 RANK_SCHEDULES = ("reference", "constant")
+# --best_metric: which recorded quantities are better when higher, which when lower (by their key).
+HIGHER_IS_BETTER = re.compile(r"(zeroshot|linear_probe)_top\d+|.*_R@\d+|.*_consistency")
+LOWER_IS_BETTER = re.compile(r".*loss|alignment|.*_uniformity|modality_gap")
 # Flags whose presence means "the user brought data": without any of them we run the demo.
 DATA_FLAGS = ("train_data", "validation_data", "eval_test_data_dir", "retrieval_data", "checkpoint", "resume",
               "pretrained")
@@ -98,6 +102,7 @@ class Config:
     # checkpoints
     checkpoint: Optional[str] = None
     resume: Optional[str] = None
+    best_metric: str = "contrastive_loss"
     config: Optional[str] = None
     demo: bool = field(default=False, metadata={"help": "set when the bundled demo preset was applied"})
 
@@ -178,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cylambda2", type=float, help="CyCLIP cross-modal cyclic weight (default 0)")
     add("--checkpoint", type=str, help="checkpoint to start from; with no --train_data, evaluate it")
     add("--resume", type=str, help="'latest' (this run's epoch_latest.pt) or a checkpoint path")
+    add("--best_metric", type=str, help="what epoch.best.pt is chosen by: a validation quantity "
+        "(default contrastive_loss) or eval/<set>/<key>, retrieval/<file>/<key> (e.g. eval/ImageNet1K/zeroshot_top1)")
     return p
 
 
@@ -233,6 +240,38 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     cfg = Config(**_coerce(values))
     _check(cfg)
     return cfg
+
+
+def best_metric_key(name: str) -> str:
+    """The full name of a --best_metric: a bare key is a validation quantity."""
+    return name if "/" in name else f"validation/{name}"
+
+
+def higher_is_better(name: str) -> bool:
+    """Whether a larger value of the --best_metric quantity is better."""
+    key = name.rsplit("/", 1)[-1]
+    if HIGHER_IS_BETTER.fullmatch(key):
+        return True
+    if LOWER_IS_BETTER.fullmatch(key):
+        return False
+    raise ConfigError(f"--best_metric {name}: unknown quantity; use a loss part (contrastive_loss, loss, ...), "
+                      f"zeroshot_topK, linear_probe_topK, a retrieval R@K or a representation metric")
+
+
+def _check_best_metric(cfg: Config) -> None:
+    """The --best_metric must be a quantity this run's evaluation records (the default needs validation data)."""
+    higher_is_better(cfg.best_metric)
+    split, *rest = best_metric_key(cfg.best_metric).split("/")
+    sets = {"validation": [], "eval": list(cfg.eval_data_type or ()),
+            "retrieval": [Path(p).stem for p in cfg.retrieval_data or ()]}
+    if split not in sets or len(rest) != (1 if split == "validation" else 2):
+        raise ConfigError(f"--best_metric {cfg.best_metric}: write KEY (validation), eval/<set>/KEY or "
+                          f"retrieval/<file>/KEY")
+    if split == "validation" and cfg.validation_data is None and cfg.best_metric != Config.best_metric:
+        raise ConfigError(f"--best_metric {cfg.best_metric} is a validation quantity: pass --validation_data")
+    if split != "validation" and rest[0] not in sets[split]:
+        raise ConfigError(f"--best_metric {cfg.best_metric}: this run evaluates no {split} set {rest[0]!r} "
+                          f"(it has {', '.join(sets[split]) or 'none'})")
 
 
 def _check(cfg: Config) -> None:
@@ -292,6 +331,7 @@ def _check(cfg: Config) -> None:
                 "cylambda1", "cylambda2"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key} must not be negative, got {getattr(cfg, key)}")
+    _check_best_metric(cfg)
     if len(cfg.delimiter) != 1:
         raise ConfigError(f"--delimiter must be one character, got {cfg.delimiter!r} (TSV: --delimiter $'\\t')")
     if cfg.name is not None and (os.sep in cfg.name or cfg.name in ("", ".", "..")):

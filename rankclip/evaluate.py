@@ -96,25 +96,24 @@ class Evaluator:
         self.zero_shot_tasks, self.probes, self.retrievals = zero_shot, probes, retrieval
         self.enabled = enabled
 
-    def run(self, model: torch.nn.Module, epoch: int, rank_weight: float) -> Optional[float]:
-        """Evaluate `model` (unwrapped); returns the validation loss, or None without validation data."""
+    def run(self, model: torch.nn.Module, epoch: int, rank_weight: float) -> dict[str, float]:
+        """Evaluate `model` (unwrapped); returns every number recorded, by its full name
+        ("validation/contrastive_loss", "eval/ImageNet1K/zeroshot_top1"); {} on other ranks."""
         if not self.enabled:
-            return None
+            return {}
         was_training = model.training
         model.eval()
-        validation_loss = None
+        recorded: dict[str, float] = {}
         if self.validation_loader is not None:
-            metrics = self.validation(model, rank_weight)
-            self.logger.results(epoch, "validation", metrics)
-            validation_loss = metrics["loss"]
+            recorded |= self.logger.results(epoch, "validation", self.validation(model, rank_weight))
         for task in self.zero_shot_tasks:
-            self.logger.results(epoch, "eval", self.zero_shot(model, task))
+            recorded |= self.logger.results(epoch, "eval", self.zero_shot(model, task))
         for task in self.probes:
-            self.logger.results(epoch, "eval", self.linear_probe(model, task))
+            recorded |= self.logger.results(epoch, "eval", self.linear_probe(model, task))
         for task in self.retrievals:
-            self.logger.results(epoch, "retrieval", self.retrieval(model, task))
+            recorded |= self.logger.results(epoch, "retrieval", self.retrieval(model, task))
         model.train(was_training)
-        return validation_loss
+        return recorded
 
     @torch.no_grad()
     def validation(self, model: torch.nn.Module, rank_weight: float) -> dict:

@@ -47,20 +47,23 @@ class RunLogger:
             self.wandb = wandb.init(project="rankclip", name=cfg.name, notes=cfg.notes, config=cfg.to_dict(),
                                     dir=str(self.run_dir), resume="allow")
 
-    def results(self, epoch: int, split: str, metrics: dict) -> None:
-        """Append one record to results.jsonl (and wandb)."""
+    def results(self, epoch: int, split: str, metrics: dict) -> dict[str, float]:
+        """Append one record to results.jsonl (and wandb); returns its numbers by their full names
+        ("validation/loss", "eval/CIFAR10/zeroshot_top1": wandb's keys, which --best_metric takes)."""
+        # One panel group per evaluation set: "eval/CIFAR10/zeroshot_top1"
+        group = "/".join([split] + [str(metrics[k]) for k in ("eval_data_type", "retrieval_data") if k in metrics])
+        named = {f"{group}/{k}": _plain(v) for k, v in metrics.items() if isinstance(_plain(v), (int, float))}
         if not self.enabled:
-            return
+            return named
         record = {"epoch": epoch, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
         self.records.append(record)
         with open(self.run_dir / "results.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
         log.info(f"epoch {epoch} {split}: {shown}")
-        if self.wandb is not None:  # one panel group per evaluation set: "eval/CIFAR10/zeroshot_top1"
-            group = "/".join([split] + [str(metrics[k]) for k in ("eval_data_type", "retrieval_data") if k in metrics])
-            self.wandb.log({f"{group}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-                           | {"epoch": epoch})
+        if self.wandb is not None:
+            self.wandb.log(named | {"epoch": epoch})
+        return named
 
     def step(self, step: int, epoch: int, metrics: dict) -> None:
         """Append one training-progress record to steps.jsonl (and wandb): the curves' data."""

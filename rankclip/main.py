@@ -116,7 +116,10 @@ def run(runtime: Runtime, cfg: Config) -> None:
     if cfg.train_data is None:  # evaluation only
         obj = load_model_weights(bundle.model, cfg.checkpoint) if cfg.checkpoint else {}
         epoch = int(obj.get("epoch", 0))
-        evaluator.run(bundle.model, epoch=epoch, rank_weight=rank_weight(epoch, cfg.epochs, cfg.rank_schedule))
+        trained = obj.get("config") or {}  # the rank weight of the run that wrote the checkpoint
+        weight = rank_weight(epoch, int(trained.get("epochs", cfg.epochs)),
+                             trained.get("rank_schedule", cfg.rank_schedule))
+        evaluator.run(bundle.model, epoch=epoch, rank_weight=weight)
         logger.write_json()
         logger.close()
         return
@@ -131,7 +134,7 @@ def run(runtime: Runtime, cfg: Config) -> None:
     optimizer = build_optimizer(bundle.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
     use_scaler = runtime.device.type == "cuda" and cfg.precision == "amp"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    checkpointer = Checkpointer(cfg.run_dir, enabled=runtime.is_main)
+    checkpointer = Checkpointer(cfg.run_dir, enabled=runtime.is_main, best_metric=cfg.best_metric)
     seed_rank(cfg.seed, runtime.rank)  # weights are built (and broadcast by DDP): now each rank's own stream
     start_epoch, step = 1, 0
     if resume_from is not None:

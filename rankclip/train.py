@@ -130,10 +130,10 @@ class Trainer:
             weight = rank_weight(epoch, epochs, self.cfg.rank_schedule)
             train_metrics = self.train_epoch(epoch, weight)
             self.logger.results(epoch, "train", train_metrics)
-            validation_loss = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
+            recorded = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
             rank_states = gather_rank_states({"rng": capture_rng(self.runtime.device)}, self.cpu_group)
             self.checkpointer.save(epoch=epoch, step=self.step, cfg=self.cfg, model=self.unwrapped,
-                                   optimizer=self.optimizer, scaler=self.scaler, validation_loss=validation_loss,
+                                   optimizer=self.optimizer, scaler=self.scaler, recorded=recorded,
                                    rank_states=rank_states)
             self.runtime.barrier()  # the other ranks wait while rank 0 evaluates and saves
         self.logger.write_curves()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankclip.checkpoint import Checkpointer, atomic_alias, atomic_save, extract_state_dict, load_model_weights, read_checkpoint
+from rankclip.checkpoint import BestMetric, Checkpointer, atomic_alias, atomic_save, extract_state_dict, load_model_weights, read_checkpoint
 from rankclip.config import Config, ConfigError
 
 
@@ -99,13 +99,14 @@ def test_checkpointer_keeps_latest_and_best(tmp_path):
         with torch.no_grad():
             model.bias.fill_(epoch)
         checkpointer.save(epoch=epoch, step=10 * epoch, cfg=cfg, model=model, optimizer=optimizer, scaler=None,
-                          validation_loss=loss, rank_states=[{"rng": {"torch": torch.get_rng_state()}}])
+                          recorded={"validation/contrastive_loss": loss, "validation/loss": -epoch},
+                          rank_states=[{"rng": {"torch": torch.get_rng_state()}}])
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == [
         "epoch.best.pt", "epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]
     latest, best = read_checkpoint(folder / "epoch_latest.pt"), read_checkpoint(folder / "epoch.best.pt")
     assert (latest["epoch"], latest["step"], latest["state_dict"]["bias"][0].item()) == (3, 30, 3.0)
-    assert (best["epoch"], best["best_validation_loss"]) == (2, 1.0)
+    assert (best["epoch"], best["best_metric"], best["best_value"]) == (2, "contrastive_loss", 1.0)
     assert latest["config"]["model_name"] == "tiny-vit" and latest["model_name"] == "tiny-vit"
     assert latest["world_size"] == 1 and set(latest["ranks"][0]["rng"]) == {"torch"}
 
@@ -142,3 +143,14 @@ def test_a_saved_file_is_renamed_durably(tmp_path, monkeypatch):
     synced = record_fsyncs(monkeypatch)
     atomic_save({"value": torch.tensor(1)}, tmp_path / "ckpt.pt")
     assert synced[-1] == str(tmp_path)
+
+
+def test_best_metric_knows_which_way_is_better():
+    accuracy = BestMetric("eval/ImageNet1K/zeroshot_top1")
+    assert accuracy.improved_by({"eval/ImageNet1K/zeroshot_top1": 0.2})
+    assert not accuracy.improved_by({"eval/ImageNet1K/zeroshot_top1": 0.1})
+    assert accuracy.improved_by({"eval/ImageNet1K/zeroshot_top1": 0.3}) and accuracy.value == 0.3
+    loss = BestMetric("contrastive_loss")
+    assert loss.improved_by({"validation/contrastive_loss": 2.0})
+    assert not loss.improved_by({"validation/contrastive_loss": 2.5, "validation/loss": 0.1})
+    assert not loss.improved_by({})  # nothing recorded (e.g. on other ranks)

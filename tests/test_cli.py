@@ -69,7 +69,7 @@ def test_zero_shot_accuracy_rises_above_chance(trained):
 def test_checkpoint_loads_strictly_into_open_clip(trained):
     ckpt = read_checkpoint(trained / "checkpoints" / "epoch_latest.pt")
     assert ckpt["epoch"] == EPOCHS and ckpt["name"] == "trained" and ckpt["model_name"] == "tiny-vit"
-    assert {"optimizer", "scaler", "step", "config", "rng"} <= set(ckpt)
+    assert {"optimizer", "scaler", "step", "config", "world_size", "ranks", "best_metric", "best_value"} <= set(ckpt)
     model = open_clip.create_model("tiny-vit")
     model.load_state_dict(ckpt["state_dict"], strict=True)
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
@@ -259,3 +259,31 @@ def test_wandb_logs_offline(colour_data, tmp_path, monkeypatch):
     assert main(flags(colour_data, tmp_path, "tracked", "--epochs", "1", "--wandb", evaluate=False)) == 0
     runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.fixture(scope="module")
+def ranked(colour_data, tmp_path_factory):
+    """3 epochs of the rankclip objective with the reference ramp (rank weight 0, 1.5, 2) and validation."""
+    logs = tmp_path_factory.mktemp("ranked")
+    argv = flags(colour_data, logs, "ranked", "--loss", "rankclip", "--epochs", "3")
+    assert main(argv) == 0
+    return logs / "ranked"
+
+
+def test_best_checkpoint_is_chosen_by_the_contrastive_loss(ranked):
+    validation = {r["epoch"]: r for r in records(ranked) if r["split"] == "validation" and r["epoch"] > 0}
+    best_epoch = min(validation, key=lambda e: validation[e]["contrastive_loss"])
+    assert best_epoch != min(validation, key=lambda e: validation[e]["loss"])  # the full loss would pick another
+    best = read_checkpoint(ranked / "checkpoints" / "epoch.best.pt")
+    assert best["epoch"] == best_epoch, validation
+    assert best["best_metric"] == "contrastive_loss"
+    assert best["best_value"] == validation[best_epoch]["contrastive_loss"]
+
+
+def test_evaluation_only_takes_the_rank_weight_from_the_checkpoint(ranked, colour_data, tmp_path):
+    argv = ["--checkpoint", str(ranked / "checkpoints" / "epoch_2.pt"), "--model_name", "tiny-vit",
+            "--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--batch_size", "32", "--logs", str(tmp_path), "--name", "eval", "--num_workers", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    during = next(r for r in records(ranked) if r["split"] == "validation" and r["epoch"] == 2)
+    assert result[0]["loss"] == pytest.approx(during["loss"], rel=1e-6)

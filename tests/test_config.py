@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from rankclip.config import Config, ConfigError, parse_config
+from rankclip.config import Config, ConfigError, higher_is_better, parse_config
 
 
 def test_demo_preset_applies_without_data_flags():
@@ -69,6 +69,12 @@ def test_several_eval_sets_pair_with_their_folders(colour_data):
     (["--retrieval_data", "/nonexistent.csv"], "--retrieval_data /nonexistent.csv: no such file"),
     (["--eval_data_type", "CIFAR10", "--eval_test_data_dir", "/nonexistent"], "--eval_test_data_dir /nonexistent: no such folder"),
     (["--linear_probe_num_epochs", "0"], "--linear_probe_num_epochs must be positive"),
+    (["--best_metric", "eval/CIFAR10/zeroshot_top1"], "this run evaluates no eval set 'CIFAR10' (it has none)"),
+    (["--best_metric", "eval/ImageNet1K/zeroshot_top1", "--eval_data_type", "CIFAR10", "--eval_test_data_dir",
+      "{zs}"], "no eval set 'ImageNet1K' (it has CIFAR10)"),
+    (["--best_metric", "loss"], "--best_metric loss is a validation quantity: pass --validation_data"),
+    (["--best_metric", "speed"], "--best_metric speed: unknown quantity"),
+    (["--best_metric", "eval/zeroshot_top1"], "write KEY (validation), eval/<set>/KEY"),
 ])
 def test_bad_evaluation_flags(colour_data, extra, message):
     argv = ["--train_data", str(colour_data["train"])] + [a.format(zs=colour_data["zeroshot"]) for a in extra]
@@ -111,3 +117,12 @@ def test_resume_needs_the_training_data():
 def test_default_name_is_a_time_stamp_with_the_model(colour_data):
     cfg = parse_config(["--train_data", str(colour_data["train"]), "--model_name", "ViT-B/32"])
     assert cfg.name.endswith("-ViT-B-32") and "/" not in cfg.name
+
+
+def test_best_metric_names_and_directions(colour_data):
+    argv = ["--train_data", str(colour_data["train"]), "--eval_data_type", "ImageNet1K", "--eval_test_data_dir",
+            str(colour_data["zeroshot"]), "--best_metric", "eval/ImageNet1K/zeroshot_top1"]
+    assert parse_config(argv).best_metric == "eval/ImageNet1K/zeroshot_top1"
+    assert parse_config(["--train_data", str(colour_data["train"])]).best_metric == "contrastive_loss"
+    assert higher_is_better("eval/ImageNet1K/zeroshot_top1") and higher_is_better("retrieval/val/text_to_image_R@5")
+    assert not higher_is_better("contrastive_loss") and not higher_is_better("validation/image_uniformity")
