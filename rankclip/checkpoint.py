@@ -128,6 +128,12 @@ def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict:
     """Strictly load a checkpoint's weights into `model`; returns the whole checkpoint dict."""
     obj = read_checkpoint(path)
+    load_weights(model, obj, path)
+    return obj
+
+
+def load_weights(model: torch.nn.Module, obj: dict, path: str | Path) -> None:
+    """Strictly load the weights of checkpoint `obj` (read from `path`) into `model`."""
     state = extract_state_dict(obj)
     expected = model.state_dict()
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
@@ -140,7 +146,28 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict:
         raise ConfigError(f"checkpoint {path} does not match the model: missing {some(missing)}, unexpected "
                           f"{some(unexpected)}, wrong shape {some(shapes)}; check --model_name")
     model.load_state_dict(state, strict=True)
-    return obj
+
+
+# What places a run's schedule and data: a resumed run must keep them (or say --resume_allow_changes).
+RESUME_KEYS = ("model_name", "train_data", "dataset_type", "train_num_samples", "batch_size", "accum_freq",
+               "epochs", "num_warmup_steps", "seed")
+
+
+def check_resumed_config(obj: dict, cfg: Config, path: str | Path) -> None:
+    """Refuse to continue a checkpoint under other settings that place the schedule or the data,
+    naming each change, unless --resume_allow_changes (then they are logged). Checkpoints of the
+    seed / CyCLIP store no configuration: nothing to compare."""
+    saved = obj.get("config")
+    if not isinstance(saved, dict):
+        return
+    now = cfg.to_dict()
+    changes = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in RESUME_KEYS if saved.get(key) != now[key]]
+    if not changes:
+        return
+    if not cfg.resume_allow_changes:
+        raise ConfigError(f"--resume {path}: the checkpoint was written with other settings: {', '.join(changes)}; "
+                          f"resume with the run's settings, or pass --resume_allow_changes")
+    log.warning(f"--resume_allow_changes: continuing {path} with {', '.join(changes)}")
 
 
 @dataclass

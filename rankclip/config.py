@@ -102,6 +102,7 @@ class Config:
     # checkpoints
     checkpoint: Optional[str] = None
     resume: Optional[str] = None
+    resume_allow_changes: bool = False
     best_metric: str = "contrastive_loss"
     config: Optional[str] = None
     demo: bool = field(default=False, metadata={"help": "set when the bundled demo preset was applied"})
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cylambda2", type=float, help="CyCLIP cross-modal cyclic weight (default 0)")
     add("--checkpoint", type=str, help="checkpoint to start from; with no --train_data, evaluate it")
     add("--resume", type=str, help="'latest' (this run's epoch_latest.pt) or a checkpoint path")
+    add("--resume_allow_changes", action="store_true",
+        help="resume although the batch size, epochs, warmup, data or seed differ from the checkpoint's (logged)")
     add("--best_metric", type=str, help="what epoch.best.pt is chosen by: a validation quantity "
         "(default contrastive_loss) or eval/<set>/<key>, retrieval/<file>/<key> (e.g. eval/ImageNet1K/zeroshot_top1)")
     return p
@@ -294,6 +297,9 @@ def _check(cfg: Config) -> None:
     if cfg.dataset_type == "webdataset" and cfg.train_num_samples is None:
         raise ConfigError("--train_num_samples is required with webdataset shards: the samples per epoch "
                           "(e.g. the total of img2dataset's successes)")
+    if cfg.dataset_type == "csv" and cfg.train_num_samples is not None:
+        raise ConfigError("--train_num_samples sets the epoch length of webdataset shards; a CSV epoch is all "
+                          "its rows: leave --train_num_samples out (or pass --dataset_type webdataset)")
     if cfg.train_num_samples is not None and cfg.train_num_samples <= 0:
         raise ConfigError(f"--train_num_samples must be positive, got {cfg.train_num_samples}")
     shards = cfg.dataset_type == "webdataset"

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import Checkpointer, load_model_weights, restore_training
+from .checkpoint import (Checkpointer, check_resumed_config, load_model_weights, load_weights, read_checkpoint,
+                         restore_training)
 from .config import Config, ConfigError, parse_config
 from .data import SampleMaker, build_caption_loader
 from .distributed import Runtime, launch, process_label
@@ -138,7 +139,9 @@ def run(runtime: Runtime, cfg: Config) -> None:
     seed_rank(cfg.seed, runtime.rank)  # weights are built (and broadcast by DDP): now each rank's own stream
     start_epoch, step = 1, 0
     if resume_from is not None:
-        obj = load_model_weights(bundle.model, resume_from)
+        obj = read_checkpoint(resume_from)
+        check_resumed_config(obj, cfg, resume_from)
+        load_weights(bundle.model, obj, resume_from)
         start_epoch, step = restore_training(obj, bundle.model, optimizer, scaler, checkpointer, steps_per_epoch,
                                              runtime, cfg.seed)
         log.info(f"resumed from {resume_from} at epoch {start_epoch}, step {step}")

@@ -287,3 +287,17 @@ def test_evaluation_only_takes_the_rank_weight_from_the_checkpoint(ranked, colou
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     during = next(r for r in records(ranked) if r["split"] == "validation" and r["epoch"] == 2)
     assert result[0]["loss"] == pytest.approx(during["loss"], rel=1e-6)
+
+
+def test_resume_refuses_changed_settings_naming_each(trained, colour_data, tmp_path, capsys):
+    folder = tmp_path / "changed" / "checkpoints"
+    folder.mkdir(parents=True)
+    shutil.copy(trained / "checkpoints" / "epoch_2.pt", folder / "epoch_latest.pt")
+    changed = flags(colour_data, tmp_path, "changed", "--resume", "latest", "--batch_size", "64", "--epochs", "5",
+                    evaluate=False)
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch_size 32 -> 64, epochs 4 -> 5;" in err[0] and "--resume_allow_changes" in err[0]
+    assert main(changed + ["--resume_allow_changes"]) == 0
+    assert "--resume_allow_changes: continuing" in capsys.readouterr().out
+    assert read_checkpoint(folder / "epoch_5.pt")["step"] == 2 * 8 + 3 * 4

@@ -75,6 +75,7 @@ def test_several_eval_sets_pair_with_their_folders(colour_data):
     (["--best_metric", "loss"], "--best_metric loss is a validation quantity: pass --validation_data"),
     (["--best_metric", "speed"], "--best_metric speed: unknown quantity"),
     (["--best_metric", "eval/zeroshot_top1"], "write KEY (validation), eval/<set>/KEY"),
+    (["--train_num_samples", "100"], "--train_num_samples sets the epoch length of webdataset shards"),
 ])
 def test_bad_evaluation_flags(colour_data, extra, message):
     argv = ["--train_data", str(colour_data["train"])] + [a.format(zs=colour_data["zeroshot"]) for a in extra]
