@@ -103,6 +103,9 @@ class Config:
     checkpoint: Optional[str] = None
     resume: Optional[str] = None
     resume_allow_changes: bool = False
+    save_every_minutes: Optional[float] = None  # None: 30 on GPUs, off on CPUs (see train.save_interval)
+    save_every_steps: int = 0
+    keep_checkpoints: Optional[int] = None
     best_metric: str = "contrastive_loss"
     config: Optional[str] = None
     demo: bool = field(default=False, metadata={"help": "set when the bundled demo preset was applied"})
@@ -183,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cylambda1", type=float, help="CyCLIP in-modal cyclic weight (default 0)")
     add("--cylambda2", type=float, help="CyCLIP cross-modal cyclic weight (default 0)")
     add("--checkpoint", type=str, help="checkpoint to start from; with no --train_data, evaluate it")
-    add("--resume", type=str, help="'latest' (this run's epoch_latest.pt) or a checkpoint path")
+    add("--resume", type=str, help="'latest' (this run's epoch_latest.pt), 'auto' (latest if there is one, "
+        "else start: one command for the first launch and every requeue) or a checkpoint path")
+    add("--save_every_minutes", type=float, help="also write epoch_latest.pt mid-epoch every M minutes "
+        "(default 30 on GPUs, off on CPUs; 0 = off)")
+    add("--save_every_steps", type=int, help="also write epoch_latest.pt every N optimizer steps (default off)")
+    add("--keep_checkpoints", type=int, help="keep only the K newest epoch_<N>.pt (latest and best are always kept)")
     add("--resume_allow_changes", action="store_true",
         help="resume although the batch size, epochs, warmup, data or seed differ from the checkpoint's (logged)")
     add("--best_metric", type=str, help="what epoch.best.pt is chosen by: a validation quantity "
@@ -233,8 +241,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
         values.update(preset, demo=True)
     values.update(from_file)
     values.update(given)
-    if values.get("resume") == "latest" and not values.get("name"):
-        raise ConfigError("--resume latest needs the --name of the run to continue")
+    if values.get("resume") in ("latest", "auto") and not values.get("name"):
+        raise ConfigError(f"--resume {values['resume']} needs the --name of the run to continue")
     if values.get("dataset_type", "auto") == "auto" and values.get("train_data"):
         values["dataset_type"] = "webdataset" if str(values["train_data"]).endswith(".tar") else "csv"
     if not values.get("name"):
@@ -333,9 +341,11 @@ def _check(cfg: Config) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{key} must be positive, got {value}")
+    if cfg.keep_checkpoints is not None and cfg.keep_checkpoints < 1:
+        raise ConfigError(f"--keep_checkpoints must be at least 1, got {cfg.keep_checkpoints}")
     for key in ("num_warmup_steps", "num_workers", "weight_decay", "lambda1", "lambda2", "rank_eps",
-                "cylambda1", "cylambda2"):
-        if getattr(cfg, key) < 0:
+                "cylambda1", "cylambda2", "save_every_minutes", "save_every_steps"):
+        if (getattr(cfg, key) or 0) < 0:
             raise ConfigError(f"--{key} must not be negative, got {getattr(cfg, key)}")
     _check_best_metric(cfg)
     if len(cfg.delimiter) != 1:

@@ -163,10 +163,12 @@ class GlobalBatchSampler(Sampler):
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
         self.rank, self.world, self.shuffle, self.drop_last = rank, world, shuffle, drop_last
         self.micro_batches = micro_batches
-        self.epoch = 0
+        self.epoch, self.start_step = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass is `epoch`'s, from optimizer step `start_step` on (the steps before are skipped
+        as indices: no image of theirs is opened)."""
+        self.epoch, self.start_step = epoch, start_step
 
     @property
     def steps(self) -> int:
@@ -185,7 +187,7 @@ class GlobalBatchSampler(Sampler):
             order = list(range(self.num_samples))
         step_batch = self.global_batch * self.micro_batches
         local, micro = step_batch // self.world, self.global_batch // self.world
-        for b in range(self.steps):
+        for b in range(self.start_step, self.steps):
             batch = order[b * step_batch:(b + 1) * step_batch]
             if len(batch) < step_batch:  # the last, partial batch of an evaluation pass
                 yield [(self.epoch, i) for i in batch[self.rank::self.world]]
@@ -204,4 +206,12 @@ def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimit
     sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, shuffle=train, drop_last=train,
                                  micro_batches=micro_batches)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
-                      pin_memory=pin_memory, persistent_workers=train and num_workers > 0)
+                      pin_memory=pin_memory, persistent_workers=train and num_workers > 0,
+                      generator=loader_generator(seed))
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """The DataLoader's own generator: starting its iterators then draws nothing from the global
+    one, whose stream (dropout) a mid-epoch resume must continue exactly. Samples are seeded
+    by (seed, epoch, index), never by the workers' seeds."""
+    return torch.Generator().manual_seed(seed)

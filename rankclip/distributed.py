@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .config import Config, ConfigError
+from .savepoints import EXIT_PREEMPTED, Preempted
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -321,6 +322,8 @@ def _spawned(local_rank: int, fn: Callable, cfg: Config, devices: list[torch.dev
     except ConfigError as e:  # one line per rank, then a non-zero exit that ends the other ranks
         print(f"rankclip: error: {process_label()}{e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted:  # saved; the parent reports it
+        sys.exit(EXIT_PREEMPTED)
 
 
 def spawn(fn: Callable[[Runtime, Config], None], cfg: Config, devices: list[torch.device]) -> None:
@@ -328,6 +331,8 @@ def spawn(fn: Callable[[Runtime, Config], None], cfg: Config, devices: list[torc
     try:
         mp.spawn(_spawned, args=(fn, cfg, devices), nprocs=len(devices), join=True)
     except mp.ProcessExitedException as e:
+        if e.exit_code == EXIT_PREEMPTED:
+            raise Preempted("a stop signal") from e
         raise ConfigError(f"process {e.error_index} of {len(devices)} exited with code {e.exit_code}; "
                           f"its error is shown above") from e
 

@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Protocol
 
 from torch.utils.data import DataLoader
 
-from .data import SampleMaker, build_caption_loader
+from .data import SampleMaker, build_caption_loader, loader_generator
 from .shards import ShardStream, expand_shards
 
 
@@ -17,7 +17,7 @@ class EpochPlan(Protocol):
     steps: int  # optimizer steps per epoch
     num_samples: int
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None: ...
 
 
 @dataclass
@@ -35,8 +35,9 @@ class TrainData:
     def num_samples(self) -> int:
         return self.plan.num_samples
 
-    def set_epoch(self, epoch: int) -> None:
-        self.plan.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass is `epoch`'s, starting after its first `start_step` optimizer steps."""
+        self.plan.set_epoch(epoch, start_step)
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self.loader)
@@ -50,7 +51,7 @@ def build_train_data(train_data: str, *, dataset_type: str, num_samples: Optiona
         stream = ShardStream(expand_shards(train_data), num_samples, global_batch, make_sample, seed, rank, world,
                              micro_batches, min_size)
         loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                            persistent_workers=num_workers > 0)
+                            persistent_workers=num_workers > 0, generator=loader_generator(seed))
         return TrainData(loader, stream)
     loader = build_caption_loader(train_data, image_key=image_key, caption_key=caption_key, delimiter=delimiter,
                                   make_sample=make_sample, seed=seed, global_batch=global_batch, rank=rank,

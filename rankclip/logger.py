@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
+from pathlib import Path
+from typing import Callable
 
 from .config import Config
 
@@ -65,6 +68,14 @@ class RunLogger:
             self.wandb.log(named | {"epoch": epoch})
         return named
 
+    def rewind(self, epochs_done: int, step: int) -> None:
+        """Forget what a stopped run recorded after the checkpoint that is continued (epochs after
+        `epochs_done`, steps after `step`): the continued run records them again."""
+        if not self.enabled:
+            return
+        _keep_records(self.run_dir / "results.jsonl", lambda r: r["epoch"] <= epochs_done)
+        _keep_records(self.run_dir / "steps.jsonl", lambda r: r["step"] <= step)
+
     def step(self, step: int, epoch: int, metrics: dict) -> None:
         """Append one training-progress record to steps.jsonl (and wandb): the curves' data."""
         if not self.enabled:
@@ -93,6 +104,25 @@ class RunLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _keep_records(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSON-lines file (atomically) with the records `keep` accepts; a line cut short by a kill goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(record):
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def _plain(value):

@@ -9,13 +9,12 @@ import random
 import sys
 from functools import partial
 from itertools import repeat
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import (Checkpointer, check_resumed_config, load_model_weights, load_weights, read_checkpoint,
-                         restore_training)
+from .checkpoint import (Checkpointer, ResumePoint, check_resumed_config, check_run_folder, find_resume,
+                         load_model_weights, load_weights, read_resume_checkpoint, restore_training)
 from .config import Config, ConfigError, parse_config
 from .data import SampleMaker, build_caption_loader
 from .distributed import Runtime, launch, process_label
@@ -26,36 +25,11 @@ from .logger import RunLogger, log, setup_console_logging
 from .losses import build_loss, rank_weight
 from .models import build_model
 from .rankstate import seed_rank
+from .savepoints import EXIT_PREEMPTED, Preempted
 from .optim import build_optimizer
 from .train import CosineSchedule, Trainer, autocast
 
 EVAL_BATCH_SIZE = 256
-
-
-def resume_path(cfg: Config) -> Optional[Path]:
-    """The checkpoint a training run continues from, if any."""
-    if cfg.resume == "latest":
-        path = Checkpointer(cfg.run_dir).latest
-        if not path.is_file():
-            raise ConfigError(f"--resume latest: {path} does not exist; start the run without --resume")
-        return path
-    if cfg.resume is not None:
-        if not Path(cfg.resume).is_file():
-            raise ConfigError(f"--resume {cfg.resume}: no such file; pass 'latest' or a checkpoint path")
-        return Path(cfg.resume)
-    if cfg.checkpoint is not None and cfg.train_data is not None:
-        return Path(cfg.checkpoint)
-    return None
-
-
-def check_run_folder(cfg: Config, resuming: bool) -> None:
-    """Never overwrite another run's checkpoints, or mix an evaluation into another run's logs."""
-    existing = Checkpointer(cfg.run_dir).dir
-    if not resuming and cfg.train_data is not None and existing.is_dir() and any(existing.glob("*.pt")):
-        raise ConfigError(f"{cfg.run_dir} already holds checkpoints; pass --resume latest to continue it "
-                          f"or choose another --name")
-    if cfg.train_data is None and (cfg.run_dir / "results.jsonl").exists():
-        raise ConfigError(f"{cfg.run_dir} already holds a run's results; choose another --name for this evaluation")
 
 
 def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunLogger) -> Evaluator:
@@ -96,7 +70,7 @@ def run(runtime: Runtime, cfg: Config) -> None:
     setup_console_logging(runtime.rank)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    resume_from = resume_path(cfg)
+    resume_from = find_resume(cfg)
     check_run_folder(cfg, resuming=resume_from is not None)
     logger = RunLogger(cfg, enabled=runtime.is_main)
     log.info(f"run folder {cfg.run_dir} | {runtime.describe()} | per-process batch "
@@ -135,23 +109,32 @@ def run(runtime: Runtime, cfg: Config) -> None:
     optimizer = build_optimizer(bundle.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
     use_scaler = runtime.device.type == "cuda" and cfg.precision == "amp"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    checkpointer = Checkpointer(cfg.run_dir, enabled=runtime.is_main, best_metric=cfg.best_metric)
+    checkpointer = Checkpointer(cfg.run_dir, enabled=runtime.is_main, best_metric=cfg.best_metric,
+                                keep=cfg.keep_checkpoints)
     seed_rank(cfg.seed, runtime.rank)  # weights are built (and broadcast by DDP): now each rank's own stream
-    start_epoch, step = 1, 0
+    resume = ResumePoint(epoch=1, step=0)
     if resume_from is not None:
-        obj = read_checkpoint(resume_from)
-        check_resumed_config(obj, cfg, resume_from)
+        obj = read_resume_checkpoint(resume_from, cfg)
+        check_resumed_config(obj, cfg, resume_from, runtime.world_size)
         load_weights(bundle.model, obj, resume_from)
-        start_epoch, step = restore_training(obj, bundle.model, optimizer, scaler, checkpointer, steps_per_epoch,
-                                             runtime, cfg.seed)
-        log.info(f"resumed from {resume_from} at epoch {start_epoch}, step {step}")
+        resume = restore_training(obj, bundle.model, optimizer, scaler, checkpointer, steps_per_epoch, runtime,
+                                  cfg.seed)
+        within = f" after step {resume.steps_done} of {steps_per_epoch}" if resume.steps_done else ""
+        log.info(f"resumed from {resume_from} at epoch {resume.epoch}{within}, step {resume.step}")
+    if resume_from is not None:  # a stopped run may have recorded past its checkpoint
+        logger.rewind(resume.epoch - 1, resume.step)
+    elif cfg.resume == "auto":
+        logger.rewind(-1, 0)
 
     trainer = Trainer(
         model=runtime.wrap(bundle.model, cfg.sync_bn, cfg.compile), unwrapped=bundle.model, optimizer=optimizer,
         scaler=scaler, schedule=CosineSchedule(cfg.lr, cfg.num_warmup_steps, cfg.epochs * steps_per_epoch),
         loss_fn=loss_fn, data=data, evaluator=evaluator, checkpointer=checkpointer, logger=logger, runtime=runtime, cfg=cfg,
-        step=step)
-    trainer.fit(start_epoch)
+        step=resume.step)
+    try:
+        trainer.fit(resume)
+    finally:
+        checkpointer.wait()  # whatever ends the run, the checkpoint being written is finished
     logger.close()
 
 
@@ -162,6 +145,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"rankclip: error: {process_label()}{e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"rankclip: {process_label()}stopped by {e.signal_name} after saving a checkpoint; the same command "
+              f"with --resume auto (or latest) continues the run (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:  # checkpoints are written atomically: every one on disk is complete
         print(f"rankclip: {process_label()}interrupted; continue the run with --resume latest", file=sys.stderr)
         return 130

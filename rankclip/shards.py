@@ -74,24 +74,30 @@ class ShardStream(IterableDataset):
         self.shards, self.num_samples, self.make_sample, self.seed = shards, num_samples, make_sample, seed
         self.rank, self.world, self.micro_batches, self.min_size = rank, world, micro_batches, min_size
         self._epoch = mp.Value("i", 0)  # shared, so that persistent workers see set_epoch
+        self._start_step = mp.Value("i", 0)
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass is `epoch`'s, after its first `start_step` optimizer steps (a mid-epoch resume)."""
+        self._epoch.value, self._start_step.value = epoch, start_step
 
     def __len__(self) -> int:
         return self.steps * self.micro_batches
 
     def __iter__(self) -> Iterator[dict]:
-        epoch = self._epoch.value
+        epoch, consumed = self._epoch.value, self._start_step.value * self.micro_batches
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The DataLoader takes batches from its workers in turn: worker k makes every K-th one.
-        batches = len(self) // workers + (1 if worker < len(self) % workers else 0)
-        stream = self.rank * workers + worker
+        # The DataLoader takes batches from its workers in turn, from worker 0: stream k makes batches
+        # k, k + K, ... After `consumed` batches, worker w continues the stream that makes batch consumed + w.
+        role = (worker + consumed) % workers
+        batches = len(self) // workers + (1 if role < len(self) % workers else 0)
+        done = consumed // workers + (1 if role < consumed % workers else 0)
+        stream = self.rank * workers + role
         rng = random.Random(sample_seed(self.seed, epoch, stream))
         failed: list[str] = []
-        samples = self._samples(self._passes(epoch, stream, self.world * workers, rng), rng, failed)
-        for _ in range(batches):
+        samples = self._samples(self._passes(epoch, stream, self.world * workers, rng), rng, failed,
+                                consumed=done * self.local_batch)
+        for _ in range(batches - done):
             batch = collate_samples([next(samples) for _ in range(self.local_batch)])
             batch["failed"], failed[:] = batch["failed"] + failed, []
             yield batch
@@ -110,11 +116,14 @@ class ShardStream(IterableDataset):
             else:  # fewer shards than streams: draw at random
                 yield [{"url": rng.choice(order)}], len(order)
 
-    def _samples(self, passes: Iterator[tuple[list[dict], int]], rng: random.Random,
-                 failed: list[str]) -> Iterator[dict]:
+    def _samples(self, passes: Iterator[tuple[list[dict], int]], rng: random.Random, failed: list[str],
+                 consumed: int = 0) -> Iterator[dict]:
         """Decoded training samples; the keys of what cannot be read are appended to `failed`.
 
         The shuffle buffer is emptied at the end of every pass, so a pass never repeats a sample.
+        The first `consumed` samples (trained before a resume) are read past without decoding, drawing
+        what they drew from `rng`, so the stream continues exactly where it stopped; a record whose
+        image bytes cannot be decoded counts as a sample there (an approximation only then).
         """
         def skip(error: Exception) -> bool:
             failed.append(f"corrupt shard data ({type(error).__name__}: {error})")
@@ -127,6 +136,13 @@ class ShardStream(IterableDataset):
             for record in wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng)(records):
                 where = f"{record.get('__url__')}:{record.get('__key__')}"
                 image_bytes = next((record[e] for e in IMAGE_EXTENSIONS if e in record), None)
+                if consumed:
+                    if image_bytes is not None and "txt" in record:
+                        consumed, good = consumed - 1, good + 1
+                        rng.getrandbits(62)
+                        if not consumed:
+                            failed.clear()  # counted before the resume
+                    continue
                 image = load_image(io.BytesIO(image_bytes), self.min_size) if image_bytes is not None else None
                 if image is None or "txt" not in record:
                     failed.append(where)

@@ -6,13 +6,13 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 
 from .accumulate import cached_gradient_step
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, ResumePoint, training_state
 from .config import ConfigError
 from .data import FAILURE_LIMIT
 from .distributed import Runtime
@@ -21,6 +21,7 @@ from .loaders import TrainData
 from .logger import RunLogger, log, progress_interval
 from .losses import rank_weight
 from .rankstate import capture_rng, cpu_group, gather_rank_states
+from .savepoints import Preempted, SavePoints, save_interval_minutes
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -120,23 +121,43 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.cpu_group = cpu_group()  # every rank creates it, at the same point
+        self.savepoints = SavePoints(self.cfg.save_every_steps,
+                                     save_interval_minutes(self.cfg.save_every_minutes, self.runtime.device),
+                                     self.runtime.world_size, self.runtime.is_main, self.cpu_group)
 
-    def fit(self, start_epoch: int) -> None:
+    def fit(self, resume: ResumePoint) -> None:
+        """Train from `resume` to the last epoch; SIGTERM/SIGUSR1 end it with a checkpoint (Preempted)."""
         epochs = self.cfg.epochs
-        if start_epoch == 1:
-            self.evaluator.run(self.unwrapped, epoch=0, rank_weight=rank_weight(0, epochs, self.cfg.rank_schedule))
-            self.runtime.barrier()
-        for epoch in range(start_epoch, epochs + 1):
-            weight = rank_weight(epoch, epochs, self.cfg.rank_schedule)
-            train_metrics = self.train_epoch(epoch, weight)
-            self.logger.results(epoch, "train", train_metrics)
-            recorded = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
-            rank_states = gather_rank_states({"rng": capture_rng(self.runtime.device)}, self.cpu_group)
-            self.checkpointer.save(epoch=epoch, step=self.step, cfg=self.cfg, model=self.unwrapped,
-                                   optimizer=self.optimizer, scaler=self.scaler, recorded=recorded,
-                                   rank_states=rank_states)
-            self.runtime.barrier()  # the other ranks wait while rank 0 evaluates and saves
+        self.savepoints.install()
+        try:
+            if resume.epoch == 1 and resume.steps_done == 0:
+                self.evaluator.run(self.unwrapped, epoch=0, rank_weight=rank_weight(0, epochs, self.cfg.rank_schedule))
+                self.runtime.barrier()
+            for epoch in range(resume.epoch, epochs + 1):
+                weight = rank_weight(epoch, epochs, self.cfg.rank_schedule)
+                train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None)
+                self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
+                self.logger.results(epoch, "train", train_metrics)
+                recorded = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
+                self.save(epoch, position=None, recorded=recorded)
+                self.runtime.barrier()  # the other ranks wait while rank 0 evaluates and saves
+                if self.savepoints.at_step(self.step, may_save=False)[1]:
+                    raise Preempted(self.savepoints.stop_reason())
+        finally:
+            self.savepoints.uninstall()
         self.logger.write_curves()
+
+    def save(self, epochs_done: int, position: Optional[dict], recorded: Optional[dict] = None,
+             sums: Optional[dict] = None, failed: Iterable[str] = ()) -> None:
+        """Every rank hands over its own state; rank 0 writes the checkpoint in the background."""
+        own = {"rng": capture_rng(self.runtime.device), "sums": dict(sums or {}), "failed": sorted(failed)}
+        rank_states = gather_rank_states(own, self.cpu_group)
+        if self.runtime.is_main:
+            state = training_state(epoch=epochs_done, step=self.step, position=position, cfg=self.cfg,
+                                   model=self.unwrapped, optimizer=self.optimizer, scaler=self.scaler,
+                                   rank_states=rank_states)
+            self.checkpointer.save(state, recorded)
+        self.savepoints.saved()
 
     def micro_batch_groups(self) -> Iterator[list[dict]]:
         """The loader's batches, `accum_freq` at a time: the micro-batches of one optimizer step."""
@@ -165,22 +186,26 @@ class Trainer:
         self.backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}, features["logit_scale"].detach()
 
-    def train_epoch(self, epoch: int, weight: float) -> dict:
+    def train_epoch(self, epoch: int, weight: float, resume: Optional[ResumePoint] = None) -> dict:
+        """One epoch, or the rest of one that a mid-epoch checkpoint (`resume`) stopped in."""
         self.model.train()
-        self.data.set_epoch(epoch)
+        start_step = resume.steps_done if resume is not None else 0
+        self.data.set_epoch(epoch, start_step)
         on_gpu = self.runtime.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
         num_steps = self.data.steps
         every = progress_interval(num_steps)
         failures = FailureCounter(self.data.num_samples // self.runtime.world_size)  # this process's share
-        totals: dict[str, float] = {}
-        seen = 0
+        totals: dict[str, float] = dict(resume.sums) if resume is not None else {}
+        seen = resume.seen if resume is not None else 0
+        failures.add(list(resume.failed) if resume is not None else [])
+        seen_before, lr = seen, self.schedule(max(self.step - 1, 0))
         start = interval_start = time.perf_counter()
         interval_samples = 0
-        bar = tqdm(self.micro_batch_groups(), total=num_steps, desc=f"epoch {epoch}", disable=not self.runtime.is_main,
-                   leave=False)
-        for i, batches in enumerate(bar):
+        bar = tqdm(self.micro_batch_groups(), total=num_steps, initial=start_step, desc=f"epoch {epoch}",
+                   disable=not self.runtime.is_main, leave=False)
+        for i, batches in enumerate(bar, start=start_step):
             for batch in batches:
                 failures.add(batch["failed"])
             lr = self.schedule(self.step)
@@ -212,13 +237,20 @@ class Trainer:
                          f"logit_scale {logit_scale.item():.2f} samples/s {rate:.1f}")
                 self.logger.step(self.step, epoch, {k: v.item() for k, v in losses.items()} | {"lr": lr})
                 interval_start, interval_samples = time.perf_counter(), 0
+            save, stop = self.savepoints.at_step(self.step, may_save=i + 1 < num_steps)
+            if save:
+                self.save(epoch - 1, {"epoch": epoch, "steps_done": i + 1, "seen": seen}, sums=totals,
+                          failed=failures.failed)
+            if stop:
+                bar.close()
+                raise Preempted(self.savepoints.stop_reason())
         bar.close()
         elapsed = time.perf_counter() - start
         # Each rank's loss is its rows' share of the global loss: the mean over ranks is the global value.
         keys = sorted(totals)
         summed = self.runtime.all_sum([totals[k] / self.runtime.world_size for k in keys] + [len(failures.failed)])
         metrics = {k: v / max(seen, 1) for k, v in zip(keys, summed)}
-        rate = seen / max(elapsed, 1e-9)
+        rate = (seen - seen_before) / max(elapsed, 1e-9)
         metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,
                        samples_per_second_per_process=rate / self.runtime.world_size,
                        skipped_samples=int(summed[-1]), step=self.step)

@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -5,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankclip.checkpoint import BestMetric, Checkpointer, atomic_alias, atomic_save, extract_state_dict, load_model_weights, read_checkpoint
+from rankclip.checkpoint import (BestMetric, Checkpointer, atomic_alias, atomic_save, check_resumed_config,
+                                 extract_state_dict, load_model_weights, read_checkpoint, training_state)
 from rankclip.config import Config, ConfigError
+from rankclip.logger import setup_console_logging
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -90,17 +93,22 @@ def test_pickled_code_is_not_loaded(tmp_path):
         read_checkpoint(path)
 
 
+def checkpoint_state(epoch: int, model: torch.nn.Module, position=None, name: str = "run") -> dict:
+    optimizer = torch.optim.AdamW(model.parameters())
+    return training_state(epoch=epoch, step=10 * epoch, position=position, cfg=Config(name=name, model_name="tiny-vit"),
+                          model=model, optimizer=optimizer, scaler=None,
+                          rank_states=[{"rng": {"torch": torch.get_rng_state()}}])
+
+
 def test_checkpointer_keeps_latest_and_best(tmp_path):
     model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
     checkpointer = Checkpointer(tmp_path)
-    cfg = Config(name="run", model_name="tiny-vit")
     for epoch, loss in [(1, 2.0), (2, 1.0), (3, 1.5)]:
         with torch.no_grad():
             model.bias.fill_(epoch)
-        checkpointer.save(epoch=epoch, step=10 * epoch, cfg=cfg, model=model, optimizer=optimizer, scaler=None,
-                          recorded={"validation/contrastive_loss": loss, "validation/loss": -epoch},
-                          rank_states=[{"rng": {"torch": torch.get_rng_state()}}])
+        checkpointer.save(checkpoint_state(epoch, model),
+                          recorded={"validation/contrastive_loss": loss, "validation/loss": -epoch})
+    checkpointer.wait()
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == [
         "epoch.best.pt", "epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "epoch_latest.pt"]
@@ -109,6 +117,53 @@ def test_checkpointer_keeps_latest_and_best(tmp_path):
     assert (best["epoch"], best["best_metric"], best["best_value"]) == (2, "contrastive_loss", 1.0)
     assert latest["config"]["model_name"] == "tiny-vit" and latest["model_name"] == "tiny-vit"
     assert latest["world_size"] == 1 and set(latest["ranks"][0]["rng"]) == {"torch"}
+
+
+def test_a_save_copies_the_state_before_training_goes_on(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(tmp_path)
+    with torch.no_grad():
+        model.bias.fill_(1.0)
+    checkpointer.save(checkpoint_state(0, model, position={"epoch": 1, "steps_done": 3, "seen": 96}))
+    with torch.no_grad():
+        model.bias.fill_(2.0)  # the next step, while the writer may still be busy
+    checkpointer.wait()
+    latest = read_checkpoint(tmp_path / "checkpoints" / "epoch_latest.pt")
+    assert latest["state_dict"]["bias"].tolist() == [1.0, 1.0] and latest["position"]["steps_done"] == 3
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_latest.pt"]
+
+
+def test_keep_checkpoints_bounds_the_epoch_files(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    for epoch, loss in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]:
+        checkpointer.save(checkpoint_state(epoch, model), recorded={"validation/contrastive_loss": loss})
+    checkpointer.wait()
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch.best.pt", "epoch_3.pt", "epoch_4.pt", "epoch_latest.pt"]
+    assert read_checkpoint(folder / "epoch.best.pt")["epoch"] == 1  # best survives its epoch file
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_warns(tmp_path, monkeypatch, capsys):
+    setup_console_logging(0)
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(checkpoint_state(1, model), recorded={})
+    checkpointer.wait()
+
+    def disk_full(obj, f):
+        f.write(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    checkpointer.save(checkpoint_state(1, model, position={"epoch": 2, "steps_done": 1, "seen": 32}))
+    checkpointer.wait()
+    monkeypatch.undo()
+    latest = read_checkpoint(tmp_path / "checkpoints" / "epoch_latest.pt")
+    assert latest["epoch"] == 1 and latest["position"] is None
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
+    warning = [line for line in capsys.readouterr().out.splitlines() if "not written" in line]
+    assert len(warning) == 1 and "No space left on device" in warning[0] and "training continues" in warning[0]
 
 
 def record_fsyncs(monkeypatch) -> list[str]:
@@ -154,3 +209,24 @@ def test_best_metric_knows_which_way_is_better():
     assert loss.improved_by({"validation/contrastive_loss": 2.0})
     assert not loss.improved_by({"validation/contrastive_loss": 2.5, "validation/loss": 0.1})
     assert not loss.improved_by({})  # nothing recorded (e.g. on other ranks)
+
+
+def mid_epoch_checkpoint(**config) -> dict:
+    saved = Config(name="run", train_data="train.csv", dataset_type="webdataset", train_num_samples=256,
+                   num_workers=2, **config)
+    return {"config": saved.to_dict(), "epoch": 2, "world_size": 2, "position": {"epoch": 3, "steps_done": 4, "seen": 4}}
+
+
+def test_a_mid_epoch_position_is_kept_only_where_it_stays_exact(tmp_path):
+    cfg = Config(name="run", train_data="train.csv", dataset_type="webdataset", train_num_samples=256,
+                 num_workers=2, resume_allow_changes=True)
+    path = tmp_path / "checkpoints" / "epoch_latest.pt"
+    check_resumed_config(mid_epoch_checkpoint(), cfg, path, world_size=2)  # same streams: fine
+    with pytest.raises(ConfigError, match=r"per \(process, data worker\): resume with 2 processes and "
+                                          r"--num_workers 2, or resume from .*epoch_2.pt"):
+        check_resumed_config(mid_epoch_checkpoint(), cfg, path, world_size=1)
+    with pytest.raises(ConfigError, match="inside epoch 3 and batch_size changed"):
+        check_resumed_config(mid_epoch_checkpoint(batch_size=64), cfg, path, world_size=2)
+    csv = Config(name="run", train_data="train.csv", dataset_type="csv", resume_allow_changes=True)
+    csv_checkpoint = dict(mid_epoch_checkpoint(), config=dataclasses.replace(csv, epochs=10).to_dict())
+    check_resumed_config(csv_checkpoint, csv, path, world_size=1)  # CSV: any world size; the epochs may change

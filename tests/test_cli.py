@@ -301,3 +301,54 @@ def test_resume_refuses_changed_settings_naming_each(trained, colour_data, tmp_p
     assert main(changed + ["--resume_allow_changes"]) == 0
     assert "--resume_allow_changes: continuing" in capsys.readouterr().out
     assert read_checkpoint(folder / "epoch_5.pt")["step"] == 2 * 8 + 3 * 4
+
+
+def run_folder_with(tmp_path, name, files: dict):
+    folder = tmp_path / name / "checkpoints"
+    folder.mkdir(parents=True)
+    for filename, content in files.items():
+        (folder / filename).write_bytes(content)
+    return folder
+
+
+@pytest.mark.parametrize("latest", ["truncated", "foreign"])
+def test_a_broken_epoch_latest_points_at_the_epoch_checkpoint(trained, colour_data, tmp_path, capsys, latest):
+    epoch_2 = (trained / "checkpoints" / "epoch_2.pt").read_bytes()
+    if latest == "truncated":
+        content = epoch_2[:len(epoch_2) // 2]
+    else:
+        path = tmp_path / "seed.pt"
+        torch.save({"epoch": 2, "state_dict": read_checkpoint(trained / "checkpoints" / "epoch_2.pt")["state_dict"]},
+                   path)
+        content = path.read_bytes()
+    folder = run_folder_with(tmp_path, "broken", {"epoch_1.pt": b"", "epoch_2.pt": epoch_2, "epoch_latest.pt": content})
+    assert main(flags(colour_data, tmp_path, "broken", "--resume", "auto", evaluate=False)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"continue from the last epoch checkpoint with --resume {folder}/epoch_2.pt")
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_the_differences(trained, colour_data, tmp_path, capsys):
+    other = flags(dict(colour_data, train=colour_data["validation"]), tmp_path, "other", "--model_name", "tiny-rn",
+                  "--batch_size", "16", "--resume", str(trained / "checkpoints" / "epoch_2.pt"), evaluate=False)
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model_name 'tiny-vit' -> 'tiny-rn'" in err[0] and "validation.csv" in err[0]
+    assert "batch_size 32 -> 16" in err[0]
+
+
+def test_a_full_disk_during_step_saves_warns_and_the_run_goes_on(colour_data, tmp_path, monkeypatch, capsys):
+    save = torch.save
+
+    def no_space_mid_epoch(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("position"):
+            f.write(b"half")
+            raise OSError(28, "No space left on device")
+        save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", no_space_mid_epoch)
+    assert main(flags(colour_data, tmp_path, "full", "--epochs", "1", "--save_every_steps", "2", evaluate=False)) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "not written (" in line]
+    assert len(warnings) == 3 and all("No space left on device" in w for w in warnings)  # steps 2, 4, 6
+    folder = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
+    assert read_checkpoint(folder / "epoch_latest.pt")["step"] == 8

@@ -127,3 +127,18 @@ def test_best_metric_names_and_directions(colour_data):
     assert parse_config(["--train_data", str(colour_data["train"])]).best_metric == "contrastive_loss"
     assert higher_is_better("eval/ImageNet1K/zeroshot_top1") and higher_is_better("retrieval/val/text_to_image_R@5")
     assert not higher_is_better("contrastive_loss") and not higher_is_better("validation/image_uniformity")
+
+
+@pytest.mark.parametrize("mode", ["auto", "latest"])
+def test_resume_of_this_run_needs_its_name(colour_data, mode):
+    with pytest.raises(ConfigError, match=f"--resume {mode} needs the --name of the run to continue"):
+        parse_config(["--train_data", str(colour_data["train"]), "--resume", mode])
+
+
+def test_step_checkpoint_flags(colour_data):
+    cfg = parse_config(["--train_data", str(colour_data["train"]), "--save_every_steps", "5", "--keep_checkpoints", "2"])
+    assert (cfg.save_every_steps, cfg.keep_checkpoints, cfg.save_every_minutes) == (5, 2, None)
+    with pytest.raises(ConfigError, match="--keep_checkpoints must be at least 1"):
+        parse_config(["--train_data", str(colour_data["train"]), "--keep_checkpoints", "0"])
+    with pytest.raises(ConfigError, match="--save_every_minutes must not be negative"):
+        parse_config(["--train_data", str(colour_data["train"]), "--save_every_minutes", "-1"])

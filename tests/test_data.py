@@ -1,8 +1,9 @@
 import pytest
 import torch
+from PIL import Image
 
 from rankclip.config import ConfigError
-from rankclip.data import CaptionDataset, GlobalBatchSampler, SampleMaker, read_caption_csv
+from rankclip.data import CaptionDataset, GlobalBatchSampler, SampleMaker, collate_samples, read_caption_csv
 
 
 def to_tensor(image):
@@ -104,3 +105,27 @@ def test_unreadable_image_is_replaced_and_reported(tmp_path, colour_data):
     assert sample["failed"] == [str(broken), str(tmp_path / "gone.png")]
     assert torch.equal(sample["text"], fake_tokenizer([captions[5]])[0])
     assert dataset[(0, 2)]["failed"] == []
+
+
+@pytest.mark.parametrize("world, micro_batches", [(1, 1), (2, 2)])
+def test_a_resumed_epoch_skips_the_consumed_steps_as_indices(world, micro_batches):
+    for rank in range(world):
+        sampler = GlobalBatchSampler(100, global_batch=8, seed=3, rank=rank, world=world, micro_batches=micro_batches)
+        sampler.set_epoch(2)
+        straight = list(sampler)
+        sampler.set_epoch(2, start_step=4)
+        assert list(sampler) == straight[4 * micro_batches:]
+        sampler.set_epoch(3)
+        assert len(list(sampler)) == len(straight)  # the next epoch is whole again
+
+
+def test_a_resumed_loader_opens_no_image_of_the_skipped_steps(colour_data, monkeypatch):
+    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    opened = []
+    monkeypatch.setattr("rankclip.data.load_image",
+                        lambda path, size=None: opened.append(path) or Image.new("RGB", (4, 4)))
+    dataset = CaptionDataset(images, captions, SampleMaker(to_tensor, fake_tokenizer), seed=0)
+    sampler = GlobalBatchSampler(len(dataset), global_batch=32, seed=0)
+    sampler.set_epoch(1, start_step=5)
+    batches = list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples))
+    assert len(batches) == 3 and len(opened) == 3 * 32

@@ -1,6 +1,9 @@
 """Real multi-process runs on the CPU with gloo, through torchrun and the CLI."""
 
+import json
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -185,3 +188,127 @@ def test_ranks_draw_their_own_masks_and_resume_them_exactly(colour_data, tmp_pat
     first = read_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch_1.pt")
     assert first["world_size"] == 2 and len(first["ranks"]) == 2
     assert not torch.equal(first["ranks"][0]["rng"]["torch"], first["ranks"][1]["rng"]["torch"])
+
+
+# ---- Run life: kill -9 at a random step, preemption signals, resume on another number of processes.
+
+RUN_EXTRA = ["--validation_data", "{validation}", "--loss", "rankclip", "--rank_schedule", "constant", "--epochs", "2",
+             "--lr", "5e-5"]  # the settings of the `runs` fixture's uninterrupted runs
+
+
+def run_life_command(colour_data, logs, name, nproc, *extra):
+    settings = [a.format(validation=colour_data["validation"]) for a in RUN_EXTRA]
+    return command(colour_data, logs, name, nproc, *settings, *extra)
+
+
+def start_and_wait_for_step(cmd, run_dir, step):
+    """Start a run in its own session; return it once steps.jsonl shows optimizer step `step`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    deadline = time.time() + TIMEOUT
+    steps = run_dir / "steps.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if steps.is_file() and f'"step": {step},' in steps.read_text():
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the run never reached step {step}: {proc.communicate()[0][-3000:]}")
+
+
+def random_mid_epoch_step() -> int:
+    return random.choice([s for s in range(2, 15) if s != 8])  # 8 steps per epoch
+
+
+def weights(path):
+    return read_checkpoint(path)["state_dict"]
+
+
+def assert_bit_identical(expected, got, context):
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"{context}: {different[:3]}, relative difference {relative_difference(expected, got)}"
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_kill_9_at_a_random_step_then_resume_is_bit_exact(runs, colour_data, workers):
+    logs, _ = runs
+    name, step = f"killed_w{workers}", random_mid_epoch_step()
+    cmd = run_life_command(colour_data, logs, name, 1, "--num_workers", workers, "--save_every_steps", "1")
+    proc = start_and_wait_for_step(cmd, logs / name, step)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    latest = read_checkpoint(logs / name / "checkpoints" / "epoch_latest.pt")
+    assert latest["step"] >= step - 1 and latest["position"] is not None, (step, latest["step"])
+    resumed = run(cmd + ["--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after step {latest['position']['steps_done']} of 8" in resumed.stdout
+    assert_bit_identical(weights(logs / "one" / "checkpoints" / "epoch_2.pt"),
+                         weights(logs / name / "checkpoints" / "epoch_2.pt"), f"killed at step {step}")
+    train = [json.loads(line) for line in (logs / name / "results.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (logs / "one" / "results.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["split"]) for r in train] == [(r["epoch"], r["split"]) for r in straight]
+    assert [r["loss"] for r in train] == pytest.approx([r["loss"] for r in straight], rel=1e-9)
+
+
+def test_two_processes_killed_resume_on_two_exactly_and_on_one_within_float_precision(runs, colour_data):
+    logs, _ = runs
+    step = random_mid_epoch_step()
+    cmd = run_life_command(colour_data, logs, "killed2", 2, "--save_every_steps", "1")
+    proc = start_and_wait_for_step(cmd, logs / "killed2", step)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    shutil.copytree(logs / "killed2", logs / "shrunk")
+    again = run(cmd + ["--resume", "latest"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_bit_identical(weights(logs / "two" / "checkpoints" / "epoch_2.pt"),
+                         weights(logs / "killed2" / "checkpoints" / "epoch_2.pt"), f"killed at step {step}")
+    one = run(run_life_command(colour_data, logs, "shrunk", 1, "--resume", "latest"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.stdout.count("world size changed: the checkpoint was written by 2 processes, this run has 1") == 1
+    difference = relative_difference(weights(logs / "one" / "checkpoints" / "epoch_2.pt"),
+                                     weights(logs / "shrunk" / "checkpoints" / "epoch_2.pt"))
+    assert difference <= 1e-5, (step, difference)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_stop_signal_saves_and_the_same_command_continues_exactly(runs, colour_data, stop):
+    """One process: --resume auto starts the run, the signal stops it after a save (exit 75), and the
+    same command continues it (the SIGUSR1 case is checked against the uninterrupted run)."""
+    logs, _ = runs
+    name = f"stopped_{stop.name}"
+    cmd = run_life_command(colour_data, logs, name, 1, "--resume", "auto")
+    proc = start_and_wait_for_step(cmd, logs / name, 3)
+    proc.send_signal(stop)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, output[-3000:]
+    assert output.count(f"stopped by {stop.name} after saving a checkpoint") == 1 and "Traceback" not in output
+    latest = read_checkpoint(logs / name / "checkpoints" / "epoch_latest.pt")
+    done = latest["position"]["steps_done"]
+    assert 3 <= done <= 8 and latest["step"] == done  # it finished the step it was in, then saved
+    if stop == signal.SIGUSR1:
+        resumed = run(cmd)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_bit_identical(weights(logs / "one" / "checkpoints" / "epoch_2.pt"),
+                             weights(logs / name / "checkpoints" / "epoch_2.pt"), f"stopped after step {done}")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_to_one_rank_stops_every_rank_with_a_checkpoint(runs, colour_data, stop):
+    logs, _ = runs
+    name = f"stopped2_{stop.name}"
+    proc = start_and_wait_for_step(run_life_command(colour_data, logs, name, 2), logs / name, 3)
+    try:
+        workers = subprocess.run(["pgrep", "-f", "--", f"--name {name}"], capture_output=True, text=True).stdout.split()
+        ranks = sorted(int(p) for p in workers if int(p) != proc.pid)
+        assert len(ranks) >= 2, workers
+        os.kill(ranks[-1], stop)
+        time.sleep(0.2)
+        os.kill(ranks[-1], stop)  # a second signal, during the save, changes nothing
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert output.count("after saving a checkpoint") == 2 and f"stopped by {stop.name}" in output, output[-3000:]
+    latest = read_checkpoint(logs / name / "checkpoints" / "epoch_latest.pt")
+    assert latest["world_size"] == 2 and latest["position"]["steps_done"] >= 3
+    assert [p.name for p in (logs / name / "checkpoints").iterdir() if p.name.startswith(".")] == []

@@ -28,3 +28,19 @@ def test_each_eval_set_gets_its_own_wandb_keys_and_record(tmp_path):
     assert [r["eval_data_type"] for r in records[:2]] == ["CIFAR10", "ImageNet1K"]
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert steps == [{"step": 10, "epoch": 1, "loss": 2.0, "lr": 1e-3}]
+
+
+def test_rewind_forgets_what_was_recorded_after_the_checkpoint(tmp_path):
+    logger = RunLogger(Config(logs=str(tmp_path), name="run"))
+    for epoch in range(3):
+        logger.results(epoch, "validation", {"loss": 3.0 - epoch})
+    for step in range(1, 6):
+        logger.step(step, 1 + step // 3, {"loss": 1.0})
+    with open(tmp_path / "run" / "steps.jsonl", "a") as f:
+        f.write('{"step": 6, "ep')  # cut short by a kill
+    logger.rewind(epochs_done=1, step=4)
+    results = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in results] == [0, 1] and [s["step"] for s in steps] == [1, 2, 3, 4]
+    logger.rewind(epochs_done=-1, step=0)  # a fresh start of a run that never saved
+    assert (tmp_path / "run" / "results.jsonl").read_text() == ""

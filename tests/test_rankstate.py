@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from rankclip.checkpoint import restore_rank_rng
+from rankclip.checkpoint import restore_rank_state
 from rankclip.config import ConfigError
 from rankclip.distributed import Runtime
 from rankclip.rankstate import capture_rng, rank_seed, restore_rng, saved_rank_states, seed_rank
@@ -52,9 +52,9 @@ def test_each_rank_takes_its_own_state_and_another_world_size_re_seeds(capsys):
         seed_rank(0, rank)
         states.append({"rng": capture_rng(torch.device("cpu"))})
     checkpoint = {"world_size": 2, "ranks": states}
-    restore_rank_rng(checkpoint, Runtime(rank=1, world_size=2), seed=0, step=7)
+    restore_rank_state(checkpoint, Runtime(rank=1, world_size=2), seed=0, step=7)
     assert torch.equal(torch.get_rng_state(), states[1]["rng"]["torch"])
-    restore_rank_rng(checkpoint, Runtime(rank=0, world_size=1), seed=0, step=7)
+    restore_rank_state(checkpoint, Runtime(rank=0, world_size=1), seed=0, step=7)
     re_seeded = torch.get_rng_state()
     seed_rank(0, 0, 7)
     assert torch.equal(re_seeded, torch.get_rng_state())
@@ -68,3 +68,15 @@ def test_older_and_foreign_checkpoints():
     world, states = saved_rank_states(old)
     assert world == 1 and set(states[0]["rng"]) == {"torch", "python"}
     assert saved_rank_states({"epoch": 3, "state_dict": {}}) == (0, [])
+
+
+def test_the_partial_epoch_sums_move_to_rank_zero_when_the_world_shrinks():
+    """Per-rank loss sums S_r of W ranks give the epoch mean sum(S_r)/W over seen samples; on W' ranks
+    rank 0 takes sum(S_r)·W'/W, so that the mean over the new ranks is unchanged."""
+    states = [{"rng": capture_rng(torch.device("cpu")), "sums": {"loss": 8.0}, "failed": ["a.jpg"]},
+              {"rng": capture_rng(torch.device("cpu")), "sums": {"loss": 4.0}, "failed": ["b.jpg"]}]
+    checkpoint = {"world_size": 2, "ranks": states}
+    own = restore_rank_state(checkpoint, Runtime(rank=0, world_size=1), seed=0, step=3)
+    assert own == {"sums": {"loss": 6.0}, "failed": ["a.jpg", "b.jpg"]}
+    assert restore_rank_state(checkpoint, Runtime(rank=1, world_size=3), seed=0, step=3) == {}
+    assert restore_rank_state(checkpoint, Runtime(rank=1, world_size=2), seed=0, step=3)["sums"] == {"loss": 4.0}

@@ -139,3 +139,32 @@ def test_bad_shard_patterns_fail_at_start_up(tmp_path):
         expand_shards(str(tmp_path / "{000..002}.tar"))
     with pytest.raises(ConfigError, match="smaller than one step's batch"):
         stream(str(tmp_path / "{000..001}.tar"), num_samples=4)
+
+
+def epoch_rows(data, epoch, start_step=0, workers=0):
+    data.set_epoch(epoch, start_step)
+    return rows_of(DataLoader(data, batch_size=None, num_workers=workers))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_mid_epoch_resume_continues_the_very_next_samples(tmp_path, workers):
+    """No resampling (4 shards of 16 = 64 samples, 64 per epoch): an epoch resumed after k steps yields
+    exactly the remaining steps, and with the k steps before it every sample exactly once, in order."""
+    pattern = keyed_shards(tmp_path)
+    data = stream(pattern, micro_batches=2, global_batch=4)  # 8 steps of 2 micro-batches of 4
+    straight = epoch_rows(data, 3, workers=workers)
+    assert sorted(straight) == list(range(64))
+    for start in (1, 3, 7):
+        resumed = epoch_rows(data, 3, start, workers=workers)
+        assert len(resumed) == (8 - start) * 8
+        assert straight[:start * 8] + resumed == straight, start
+
+
+def test_a_resumed_stream_with_resampling_and_a_shuffle_buffer_replays_exactly(tmp_path):
+    """Fewer samples in the shards than the epoch asks for (resampling) and a shuffle buffer: the
+    continued part is still the uninterrupted one."""
+    pattern = keyed_shards(tmp_path, count=2, per_shard=8)
+    data = stream(pattern, num_samples=48)
+    straight = epoch_rows(data, 1)
+    resumed = epoch_rows(data, 1, 4)
+    assert len(straight) == 48 and straight[32:] == resumed
