@@ -403,7 +403,7 @@ def restore_training(obj: dict, model: torch.nn.Module, optimizer: torch.optim.O
     whose weights are already loaded.
 
     Checkpoints of the seed/CyCLIP carry no step or RNG state: the step is then derived from the
-    epoch, and the ranks keep their (seed, rank) seeding.
+    epoch, and each rank is seeded from (seed, rank, step).
     """
     if "epoch" not in obj:
         raise ConfigError("the checkpoint has no 'epoch': it holds weights only; use --pretrained PATH to start from it")

@@ -297,6 +297,9 @@ def _run_member(fn: Callable[[Runtime, Config], None], runtime: Runtime, cfg: Co
     peers = Peers(store, runtime.rank, runtime.world_size)
     try:
         fn(dataclasses.replace(runtime, peers=peers), cfg)
+    except Preempted:  # every rank stops together, after its checkpoint: not a failure
+        peers.finish()
+        raise
     except Exception:
         peers.announce_failure()
         raise

@@ -24,9 +24,9 @@ from .loaders import build_train_data
 from .logger import RunLogger, log, setup_console_logging
 from .losses import build_loss, rank_weight
 from .models import build_model
+from .optim import build_optimizer
 from .rankstate import seed_rank
 from .savepoints import EXIT_PREEMPTED, Preempted
-from .optim import build_optimizer
 from .train import CosineSchedule, Trainer, autocast
 
 EVAL_BATCH_SIZE = 256
@@ -131,10 +131,7 @@ def run(runtime: Runtime, cfg: Config) -> None:
         scaler=scaler, schedule=CosineSchedule(cfg.lr, cfg.num_warmup_steps, cfg.epochs * steps_per_epoch),
         loss_fn=loss_fn, data=data, evaluator=evaluator, checkpointer=checkpointer, logger=logger, runtime=runtime, cfg=cfg,
         step=resume.step)
-    try:
-        trainer.fit(resume)
-    finally:
-        checkpointer.wait()  # whatever ends the run, the checkpoint being written is finished
+    trainer.fit(resume)
     logger.close()
 
 

@@ -139,12 +139,14 @@ class Trainer:
                 self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
                 self.logger.results(epoch, "train", train_metrics)
                 recorded = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
+                self.runtime.barrier()  # the other ranks wait (with no time limit) while rank 0 evaluates
                 self.save(epoch, position=None, recorded=recorded)
-                self.runtime.barrier()  # the other ranks wait while rank 0 evaluates and saves
                 if self.savepoints.at_step(self.step, may_save=False)[1]:
                     raise Preempted(self.savepoints.stop_reason())
         finally:
-            self.savepoints.uninstall()
+            self.checkpointer.wait()  # the last checkpoint is on disk before the run ends, however it ends
+            if self.savepoints.signal_name is None:  # stopped by a signal: more of them only set the flag again
+                self.savepoints.uninstall()
         self.logger.write_curves()
 
     def save(self, epochs_done: int, position: Optional[dict], recorded: Optional[dict] = None,

@@ -352,3 +352,10 @@ def test_a_full_disk_during_step_saves_warns_and_the_run_goes_on(colour_data, tm
     folder = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
     assert read_checkpoint(folder / "epoch_latest.pt")["step"] == 8
+
+
+def test_resume_auto_without_epoch_latest_but_with_epoch_files_is_refused(colour_data, tmp_path, capsys):
+    folder = run_folder_with(tmp_path, "orphans", {"epoch_1.pt": b"x"})
+    assert main(flags(colour_data, tmp_path, "orphans", "--resume", "auto", evaluate=False)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"it has no epoch_latest.pt: pass --resume {folder}/epoch_<N>.pt" in err[0]

@@ -1,5 +1,6 @@
 """Real multi-process runs on the CPU with gloo, through torchrun and the CLI."""
 
+import contextlib
 import json
 import os
 import random
@@ -269,6 +270,20 @@ def test_two_processes_killed_resume_on_two_exactly_and_on_one_within_float_prec
     assert difference <= 1e-5, (step, difference)
 
 
+def signal_through_the_save(proc, pids, stop, latest) -> str:
+    """Send `stop` to the first of `pids`, then to all of them every 50 ms until `latest` (absent
+    before) is written, so also during the save; then wait for the run to end."""
+    assert not latest.exists()
+    os.kill(pids[0], stop)
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a rank that has handed over its state may be gone
+                os.kill(pid, stop)
+    return proc.communicate(timeout=120)[0]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_a_stop_signal_saves_and_the_same_command_continues_exactly(runs, colour_data, stop):
     """One process: --resume auto starts the run, the signal stops it after a save (exit 75), and the
@@ -277,8 +292,7 @@ def test_a_stop_signal_saves_and_the_same_command_continues_exactly(runs, colour
     name = f"stopped_{stop.name}"
     cmd = run_life_command(colour_data, logs, name, 1, "--resume", "auto")
     proc = start_and_wait_for_step(cmd, logs / name, 3)
-    proc.send_signal(stop)
-    output = proc.communicate(timeout=120)[0]
+    output = signal_through_the_save(proc, [proc.pid], stop, logs / name / "checkpoints" / "epoch_latest.pt")
     assert proc.returncode == 75, output[-3000:]
     assert output.count(f"stopped by {stop.name} after saving a checkpoint") == 1 and "Traceback" not in output
     latest = read_checkpoint(logs / name / "checkpoints" / "epoch_latest.pt")
@@ -300,10 +314,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_with_a_checkpoint(runs, colo
         workers = subprocess.run(["pgrep", "-f", "--", f"--name {name}"], capture_output=True, text=True).stdout.split()
         ranks = sorted(int(p) for p in workers if int(p) != proc.pid)
         assert len(ranks) >= 2, workers
-        os.kill(ranks[-1], stop)
-        time.sleep(0.2)
-        os.kill(ranks[-1], stop)  # a second signal, during the save, changes nothing
-        output = proc.communicate(timeout=120)[0]
+        output = signal_through_the_save(proc, ranks[::-1], stop, logs / name / "checkpoints" / "epoch_latest.pt")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -4,7 +4,6 @@ import re
 from collections import OrderedDict
 
 import open_clip
-import pytest
 import torch
 
 import rankclip.models  # noqa: F401  (registers configs/ with open_clip)
