@@ -55,9 +55,18 @@ class SavePoints:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def uninstall(self) -> None:
+        """Put back the handlers that install replaced (a no-op after `ignore`)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def ignore(self) -> None:
+        """Ignore further stop signals: the process is ending after its checkpoint. (Python puts the
+        default handlers back while it shuts down, but leaves ignored signals ignored.)"""
+        if self._previous:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            self._previous.clear()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal_name = signal.Signals(signum).name

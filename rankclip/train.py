@@ -143,10 +143,14 @@ class Trainer:
                 self.save(epoch, position=None, recorded=recorded)
                 if self.savepoints.at_step(self.step, may_save=False)[1]:
                     raise Preempted(self.savepoints.stop_reason())
+        except Preempted:
+            self.checkpointer.wait()
+            self.runtime.barrier()  # no rank exits before the checkpoint is on disk (srun --kill-on-bad-exit)
+            self.savepoints.ignore()  # the run ends now, with its exit code, whatever else arrives
+            raise
         finally:
             self.checkpointer.wait()  # the last checkpoint is on disk before the run ends, however it ends
-            if self.savepoints.signal_name is None:  # stopped by a signal: more of them only set the flag again
-                self.savepoints.uninstall()
+            self.savepoints.uninstall()
         self.logger.write_curves()
 
     def save(self, epochs_done: int, position: Optional[dict], recorded: Optional[dict] = None,

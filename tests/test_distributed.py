@@ -217,7 +217,8 @@ def start_and_wait_for_step(cmd, run_dir, step):
 
 
 def random_mid_epoch_step() -> int:
-    return random.choice([s for s in range(2, 15) if s != 8])  # 8 steps per epoch
+    """A step inside epoch 1 or 2 (8 steps each), drawn afresh every time (in-process runs seed `random`)."""
+    return random.SystemRandom().choice([s for s in range(2, 15) if s != 8])
 
 
 def weights(path):
@@ -238,10 +239,11 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(runs, colour_data, wor
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     latest = read_checkpoint(logs / name / "checkpoints" / "epoch_latest.pt")
-    assert latest["step"] >= step - 1 and latest["position"] is not None, (step, latest["step"])
+    assert latest["step"] >= step - 1, (step, latest["step"])  # that step's save, or the one before
     resumed = run(cmd + ["--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"after step {latest['position']['steps_done']} of 8" in resumed.stdout
+    if latest["position"] is not None:
+        assert f"after step {latest['position']['steps_done']} of 8" in resumed.stdout
     assert_bit_identical(weights(logs / "one" / "checkpoints" / "epoch_2.pt"),
                          weights(logs / name / "checkpoints" / "epoch_2.pt"), f"killed at step {step}")
     train = [json.loads(line) for line in (logs / name / "results.jsonl").read_text().splitlines()]
