@@ -119,12 +119,16 @@ class Config:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Seed-compatible flags. Defaults are SUPPRESSed so we can tell which flags were given."""
+def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    """Seed-compatible flags. Defaults are SUPPRESSed so we can tell which flags were given.
+
+    `exit_on_error=False` makes a bad value raise argparse.ArgumentError instead of exiting
+    (rankclip.compare checks grid values with it).
+    """
     p = argparse.ArgumentParser(
         prog="python -m rankclip.main",
         description="RankCLIP pretraining and evaluation. With no data flags, trains tiny-vit on the bundled demo.",
-        argument_default=argparse.SUPPRESS,
+        argument_default=argparse.SUPPRESS, exit_on_error=exit_on_error,
     )
     d = Config()
     add = p.add_argument
@@ -216,6 +220,15 @@ def _read_config_file(path: str) -> dict:
     return values
 
 
+def demo_preset() -> dict:
+    """The bundled demo's flag values (configs/demo.json), its paths made absolute so it runs from any folder."""
+    preset = _read_config_file(str(DEMO_PRESET))
+    for key in ("train_data", "validation_data"):
+        preset[key] = str(REPO_ROOT / preset[key])
+    preset["eval_test_data_dir"] = [str(REPO_ROOT / p) for p in preset["eval_test_data_dir"]]
+    return preset
+
+
 MULTI_VALUED = ("device_ids", "eval_data_type", "eval_test_data_dir", "eval_train_data_dir", "retrieval_data")
 
 
@@ -234,11 +247,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     from_file = _read_config_file(given["config"]) if "config" in given else {}
     values: dict = {}
     if not any(k in given or from_file.get(k) is not None for k in DATA_FLAGS):
-        preset = _read_config_file(str(DEMO_PRESET))
-        for key in ("train_data", "validation_data"):  # the demo runs from any working folder
-            preset[key] = str(REPO_ROOT / preset[key])
-        preset["eval_test_data_dir"] = [str(REPO_ROOT / p) for p in preset["eval_test_data_dir"]]
-        values.update(preset, demo=True)
+        values.update(demo_preset(), demo=True)
     values.update(from_file)
     values.update(given)
     if values.get("resume") in ("latest", "auto") and not values.get("name"):
