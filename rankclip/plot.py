@@ -108,10 +108,25 @@ def run_label(run_dir: str | Path) -> str:
     return name
 
 
+def new_figure(size: tuple[float, float]) -> Figure:
+    """A bare Figure on the Agg canvas (never pyplot: the caller's backend stays as it was)."""
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def finish_panel(ax) -> None:
+    """A legend for a panel with lines; a panel without any says 'no data'."""
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
 def draw_runs(runs: list[tuple[str, Curves]]) -> Figure:
     """One figure of the PANELS grid for (label, curves) pairs; several runs are overlaid."""
-    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure((12, 8))
     overlay = len(runs) > 1
     # A quantity (loss, contrastive_loss, ...) keeps its colour, or in an overlay its line style, in every panel.
     labels = list(dict.fromkeys(label for _, curves in runs for panel in curves.values() for label in panel))
@@ -126,11 +141,7 @@ def draw_runs(runs: list[tuple[str, Curves]]) -> Figure:
                          if overlay else {"color": f"C{line_index % 10}"})
                 ax.plot(xs, ys, label=f"{run_name}: {label}" if overlay else label, markersize=3,
                         marker="o" if len(xs) <= MARKER_MAX_POINTS else None, **style)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.set_axis_off()
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+        finish_panel(ax)
     if not overlay:
         fig.suptitle(runs[0][0])
     return fig

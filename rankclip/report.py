@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .checkpoint import read_checkpoint
 from .config import ConfigError
-from .plot import PlotError, read_jsonl, run_curves, save_png
+from .plot import PlotError, finish_panel, new_figure, read_jsonl, run_curves, save_png
 
 # Settings that say how or where a run ran (or are derived from others), not what it computes.
 EXECUTION_SETTINGS = frozenset({
@@ -265,15 +264,15 @@ def seed_curves(runs: list[Run]) -> dict[str, dict]:
         if not epochs:
             continue
         stats = [summarize([s[e] for s in series]) for e in epochs]
-        summary[title] = {"epochs": epochs, "mean": [s["mean"] for s in stats], "std": [s["std"] for s in stats]}
+        summary[title] = {"epochs": epochs, "mean": [s["mean"] for s in stats], "std": [s["std"] for s in stats],
+                          "seeds": len(series)}
     return summary
 
 
 def draw_curves(curves: dict[str, dict[str, dict]]) -> Figure:
     """One panel per curve title, one line per configuration, shaded mean ± std over seeds."""
     titles = list(dict.fromkeys(title for per_title in curves.values() for title in per_title))
-    fig = Figure(figsize=(6 * max(1, len(titles)), 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure((6 * max(1, len(titles)), 4.5))
     axes = fig.subplots(1, max(1, len(titles)), squeeze=False).flat
     for ax, title in zip(axes, titles or ["no curves"]):
         ax.set_title(title)
@@ -284,15 +283,13 @@ def draw_curves(curves: dict[str, dict[str, dict]]) -> Figure:
                 continue
             line = per_title[title]
             colour = f"C{index % 10}"
-            ax.plot(line["epochs"], line["mean"], color=colour, marker="o", markersize=3, label=label)
+            seeds = line["seeds"]
+            ax.plot(line["epochs"], line["mean"], color=colour, marker="o", markersize=3,
+                    label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})")
             if all(s is not None for s in line["std"]):
                 ax.fill_between(line["epochs"], [m - s for m, s in zip(line["mean"], line["std"])],
                                 [m + s for m, s in zip(line["mean"], line["std"])], color=colour, alpha=0.2)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.set_axis_off()
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+        finish_panel(ax)
     fig.suptitle(f"mean over seeds, band: ± {STD_NOTE}")
     return fig
 
@@ -336,7 +333,7 @@ def render_markdown(report: dict, configurations: list[Configuration]) -> str:
     lines += ["## Settings that differ", ""]
     if keys:
         body = [[c.label, *(dict(c.settings).get(k, "—") for k in keys),
-                 ", ".join(r.settings.get("seed", "?") for r in c.runs), ", ".join(str(r.path) for r in c.runs)]
+                 ", ".join(r.settings.get("seed", "?") for r in c.runs), ", ".join(r.path.name for r in c.runs)]
                 for c in configurations]
         lines += markdown_table(["configuration", *keys, "seeds", "runs"], body)
     else:
