@@ -18,6 +18,7 @@ import itertools
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -274,6 +275,31 @@ def parse_study(argv: Sequence[str]) -> Study:
     return Study(args.name, cells, args.nproc_per_node, args.allow_mixed, args.print_commands, study_dir)
 
 
+def run_cell(command: list[str]) -> tuple[int, Optional[int]]:
+    """Run one cell to its end: (exit status, the signal that asked the study to stop, if one did).
+
+    Ctrl-C reaches the cell too (one process group); SIGTERM, which a scheduler sends to this
+    process, is passed on. Either way the cell ends itself, its checkpoints complete.
+    """
+    process = subprocess.Popen(command, env=cell_environment())
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt:
+            stopped.append(signal.SIGINT)
+            returncode = process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return returncode, stopped[0] if stopped else None
+
+
 def run_study(study: Study) -> int:
     """Run every cell that is not finished, one after another, then write the report; the exit status."""
     summary = []
@@ -286,16 +312,12 @@ def run_study(study: Study) -> int:
         print(f"rankclip.compare: cell {index}/{len(study.cells)} {cell.name}: "
               f"{'resuming' if state == INTERRUPTED else 'starting'}", flush=True)
         start = time.perf_counter()
-        process = subprocess.Popen(cell_command(cell, state, study.nproc_per_node), env=cell_environment())
-        try:
-            returncode = process.wait()
-        except KeyboardInterrupt:  # the cell got the same Ctrl-C: let it end itself, its checkpoints complete
-            returncode = process.wait()
+        returncode, stopped_by = run_cell(cell_command(cell, state, study.nproc_per_node))
         seconds = time.perf_counter() - start
-        if returncode == 130:
-            print("rankclip.compare: interrupted; run the same command again to continue the study",
+        if stopped_by is not None or returncode == 130:
+            print(f"rankclip.compare: stopped in cell {cell.name}; run the same command again to continue the study",
                   file=sys.stderr)
-            return 130
+            return 128 + (stopped_by or signal.SIGINT)
         outcome = "done" if returncode == 0 and cell_state(cell) == FINISHED else f"failed (exit {returncode})"
         summary.append((cell.name, state, outcome, seconds))
     print(f"rankclip.compare: study {study.study_dir}")

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import sys
 
 import pytest
@@ -143,6 +144,34 @@ def test_rerun_skips_finished_cells_and_resumes_interrupted_ones(colour_data, tm
     out, err = capsys.readouterr()
     assert f"{done.name}: finished, skipped" in out
     assert "2 cells did not finish" in err
+
+
+def test_sigterm_is_passed_to_the_cell_and_stops_the_study(colour_data, tmp_path, monkeypatch, capsys):
+    signals, launched = [], []
+
+    class FakeProcess:  # the scheduler's SIGTERM arrives while the first cell runs
+        def __init__(self, command, env):
+            launched.append(command)
+
+        def wait(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return 0
+
+        def send_signal(self, signum):
+            signals.append(signum)
+
+    def outside(signum, frame):  # what would see the signal were it not passed on (instead of ending pytest)
+        signals.append("outside")
+
+    monkeypatch.setattr(compare.subprocess, "Popen", FakeProcess)
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        assert compare.main(study_flags(colour_data, tmp_path, "seed=0,1")) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is outside  # restored after the cell
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signals == [signal.SIGTERM] and len(launched) == 1
+    assert "stopped in cell seed=0; run the same command again" in capsys.readouterr().err
 
 
 def test_a_started_cell_with_other_settings_is_refused(colour_data, tmp_path):
