@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import MULTI_VALUED, Config, ConfigError, build_parser, demo_preset, parse_config
+from .plot import PlotError, read_jsonl
 from .report import EXECUTION_SETTINGS, MIXED_SETTINGS, read_params, write_report
 
 # Grid axes cannot set these: compare names, places and resumes the cells itself.
@@ -43,7 +44,8 @@ FINISHED, INTERRUPTED, FRESH = "finished", "interrupted", "fresh"
 @dataclass(frozen=True)
 class Axis:
     key: str
-    values: tuple[str, ...]  # as typed; each parses as the flag --<key> would
+    values: tuple[str, ...]  # as typed on the command line
+    parsed: tuple[object, ...]  # as rankclip.main's parser reads them for --<key>
 
 
 @dataclass(frozen=True)
@@ -57,16 +59,12 @@ class Cell:
         return self.config.run_dir
 
 
-def _field_types() -> dict[str, object]:
-    return typing.get_type_hints(Config)
-
-
 def parse_axis(spec: str) -> Axis:
     """'KEY=V1,V2' -> Axis, each value checked by rankclip.main's own parser for --KEY."""
     key, sep, values = spec.partition("=")
     if not sep or not key or not values:
         raise ConfigError(f"--grid {spec!r}: write KEY=VALUE1,VALUE2 (e.g. --grid loss=clip,rankclip seed=0,1)")
-    types = _field_types()
+    types = typing.get_type_hints(Config)
     if key in NOT_AXES:
         raise ConfigError(f"--grid {key}: compare sets --{key} for each cell itself; it cannot be an axis")
     if key not in types:
@@ -78,16 +76,18 @@ def parse_axis(spec: str) -> Axis:
     if len(set(items)) != len(items) or "" in items:
         raise ConfigError(f"--grid {spec}: give each value once, separated by commas without spaces")
     parser = build_parser(exit_on_error=False)
+    parsed = []
     for value in items:
         if types[key] is bool:
             if value not in ("true", "false"):
                 raise ConfigError(f"--grid {key}={value}: --{key} is on or off; write {key}=true,false")
+            parsed.append(value == "true")
             continue
         try:
-            parser.parse_args([f"--{key}", value])
+            parsed.append(getattr(parser.parse_args([f"--{key}", value]), key))
         except argparse.ArgumentError as e:
             raise ConfigError(f"--grid {key}={value}: {e}") from None
-    return Axis(key, items)
+    return Axis(key, items, tuple(parsed))
 
 
 def parse_grid(specs: Sequence[str]) -> list[Axis]:
@@ -99,9 +99,9 @@ def parse_grid(specs: Sequence[str]) -> list[Axis]:
     return axes
 
 
-def axis_flags(key: str, value: str) -> list[str]:
-    if _field_types()[key] is bool:
-        return [f"--{key}"] if value == "true" else []
+def axis_flags(key: str, value: str, parsed: object) -> list[str]:
+    if isinstance(parsed, bool):
+        return [f"--{key}"] if parsed else []
     return [f"--{key}", value]
 
 
@@ -113,19 +113,17 @@ def cell_name(values: Sequence[tuple[str, str]]) -> str:
 def expand_grid(axes: Sequence[Axis], base_argv: Sequence[str], study_dir: Path) -> list[Cell]:
     """Every combination of the axes' values (the last axis varying fastest), each a checked cell."""
     cells = []
-    for combination in itertools.product(*([(axis.key, v) for v in axis.values] for axis in axes)):
-        name = cell_name(combination)
-        argv = [*base_argv, *(flag for key, value in combination for flag in axis_flags(key, value)),
+    for combination in itertools.product(*(zip([axis.key] * len(axis.values), axis.values, axis.parsed)
+                                           for axis in axes)):
+        name = cell_name([(key, value) for key, value, _ in combination])
+        argv = [*base_argv, *(flag for setting in combination for flag in axis_flags(*setting)),
                 "--logs_dir", str(study_dir), "--name", name]
         try:
             config = parse_config(argv)
         except ConfigError as e:
             raise ConfigError(f"cell {name}: {e}") from None
-        parser = build_parser()
-        for key, value in combination:
-            wanted = value == "true" if _field_types()[key] is bool else getattr(
-                parser.parse_args([f"--{key}", value]), key)
-            if getattr(config, key) != wanted:
+        for key, value, parsed in combination:
+            if getattr(config, key) != parsed:
                 raise ConfigError(f"--grid {key}={value}: the base configuration overrides it "
                                   f"(--{key} is {getattr(config, key)}); remove --{key} from the base flags")
         cells.append(Cell(name, tuple(argv), config))
@@ -155,8 +153,6 @@ def cell_state(cell: Cell) -> str:
 
 
 def _records(path: Path) -> list[dict]:
-    from .plot import PlotError, read_jsonl
-
     try:
         return read_jsonl(path)
     except PlotError as e:
