@@ -159,11 +159,6 @@ def _records(path: Path) -> list[dict]:
         raise ConfigError(f"{e}; repair or remove that line") from None
 
 
-def resume_flags(state: str) -> list[str]:
-    """How a cell in `state` is (re)started; `--resume auto` would make this one flag for all."""
-    return ["--resume", "latest"] if state in (FINISHED, INTERRUPTED) else []
-
-
 def check_same_settings(cell: Cell) -> None:
     """A cell folder started before must hold the same run: otherwise resuming it would mix two runs."""
     if not (cell.run_dir / "params.txt").is_file():
@@ -177,12 +172,15 @@ def check_same_settings(cell: Cell) -> None:
                           f"give the study another --name or the settings it had")
 
 
-def cell_command(cell: Cell, state: str, nproc_per_node: int) -> list[str]:
-    """The command line that starts or continues the cell: rankclip.main, in one process or under torchrun."""
+def cell_command(cell: Cell, nproc_per_node: int) -> list[str]:
+    """The command line that starts or continues the cell: rankclip.main, in one process or under torchrun.
+
+    `--resume auto` makes it the same command whatever the cell's state (it continues from the
+    cell's epoch_latest.pt when there is one), so a printed command can be requeued as it is."""
     launcher = [sys.executable, "-m", "rankclip.main"] if nproc_per_node == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
         "-m", "rankclip.main"]
-    return [*launcher, *cell.argv, *resume_flags(state)]
+    return [*launcher, *cell.argv, "--resume", "auto"]
 
 
 def cell_environment() -> dict[str, str]:
@@ -308,7 +306,7 @@ def run_study(study: Study) -> int:
         print(f"rankclip.compare: cell {index}/{len(study.cells)} {cell.name}: "
               f"{'resuming' if state == INTERRUPTED else 'starting'}", flush=True)
         start = time.perf_counter()
-        returncode, stopped_by = run_cell(cell_command(cell, state, study.nproc_per_node))
+        returncode, stopped_by = run_cell(cell_command(cell, study.nproc_per_node))
         seconds = time.perf_counter() - start
         if stopped_by is not None or returncode == 130:
             print(f"rankclip.compare: stopped in cell {cell.name}; run the same command again to continue the study",
@@ -334,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         study = parse_study(sys.argv[1:] if argv is None else argv)
         if study.print_commands:
             for cell in study.cells:
-                print(shlex.join(cell_command(cell, cell_state(cell), study.nproc_per_node)))
+                print(shlex.join(cell_command(cell, study.nproc_per_node)))
             return 0
         return run_study(study)
     except ConfigError as e:

@@ -39,13 +39,13 @@ def test_grid_expands_to_every_combination_in_order(colour_data, tmp_path):
     cell = study.cells[1]
     assert cell.run_dir == tmp_path / "tiny" / "loss=clip_seed=0_inmodal=true"
     assert cell.config.epochs == EPOCHS and cell.config.model_name == "tiny-vit"
-    command = compare.cell_command(cell, FRESH, nproc_per_node=1)
-    assert command[:3] == [sys.executable, "-m", "rankclip.main"] and "--resume" not in command
-    assert command[-9:] == ["--loss", "clip", "--seed", "0", "--inmodal", "--logs_dir", str(tmp_path / "tiny"),
-                            "--name", cell.name]
-    torchrun = compare.cell_command(cell, INTERRUPTED, nproc_per_node=2)
+    command = compare.cell_command(cell, nproc_per_node=1)
+    assert command[:3] == [sys.executable, "-m", "rankclip.main"]
+    assert command[-11:] == ["--loss", "clip", "--seed", "0", "--inmodal", "--logs_dir", str(tmp_path / "tiny"),
+                             "--name", cell.name, "--resume", "auto"]
+    torchrun = compare.cell_command(cell, nproc_per_node=2)
     assert torchrun[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    assert torchrun[-2:] == ["--resume", "latest"]
+    assert torchrun[-2:] == ["--resume", "auto"]
 
 
 def test_cell_names_are_plain_folder_names():
@@ -119,7 +119,7 @@ def test_cell_state_finished_interrupted_fresh(colour_data, tmp_path, capsys):
     assert compare.main(["--print_commands", *study_flags(colour_data, tmp_path, "seed=0,1,2,3,4")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and all(" -m rankclip.main " in line for line in lines)
-    assert [line.endswith("--resume latest") for line in lines] == [True, True, True, False, False]
+    assert all(line.endswith("--resume auto") for line in lines)  # one command per cell, whatever its state
 
 
 def test_rerun_skips_finished_cells_and_resumes_interrupted_ones(colour_data, tmp_path, monkeypatch, capsys):
@@ -140,7 +140,7 @@ def test_rerun_skips_finished_cells_and_resumes_interrupted_ones(colour_data, tm
     monkeypatch.setattr(compare.subprocess, "Popen", FakeProcess)
     assert compare.main(argv) == 1  # the fake cells do not finish
     assert [command[command.index("--name") + 1] for command in launched] == [killed.name, never.name]
-    assert launched[0][-2:] == ["--resume", "latest"] and "--resume" not in launched[1]
+    assert all(command[-2:] == ["--resume", "auto"] for command in launched)
     out, err = capsys.readouterr()
     assert f"{done.name}: finished, skipped" in out
     assert "2 cells did not finish" in err
