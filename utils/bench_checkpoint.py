@@ -45,8 +45,8 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         checkpointer = Checkpointer(Path(folder))
-        print(f"| model | parameters | file | device | blocks the step | background write |")
-        print(f"| --- | --- | --- | --- | --- | --- |")
+        print("| model | parameters | file | device | blocks the step | background write |")
+        print("| --- | --- | --- | --- | --- | --- |")
         blocked, written = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
