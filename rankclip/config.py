@@ -61,6 +61,7 @@ class Config:
     image_key: str = "image"
     caption_key: str = "caption"
     num_workers: int = 4
+    log_every_n_steps: Optional[int] = None
     inmodal: bool = False
     # evaluation
     eval_data_type: Optional[tuple[str, ...]] = None
@@ -150,6 +151,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--image_key", type=str, help=f"column of image paths (default {d.image_key})")
     add("--caption_key", type=str, help=f"column of captions (default {d.caption_key})")
     add("--num_workers", type=int, help=f"data loader workers per process (default {d.num_workers})")
+    add("--log_every_n_steps", type=int,
+        help="log the training loss every N steps (default: about every 10%% of an epoch)")
     add("--inmodal", action="store_true", help="add augmented views and the in-modal contrastive term")
     add("--eval_data_type", type=str, nargs="+", choices=EVAL_DATA_TYPES,
         help="evaluation sets, one per --eval_test_data_dir (e.g. ImageNet1K CIFAR10)")
@@ -344,6 +347,8 @@ def _check(cfg: Config) -> None:
     if cfg.train_data is None and cfg.checkpoint is None and cfg.resume is None and cfg.pretrained is None:
         raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint (or --pretrained) with "
                           "--eval_* or --retrieval_data to evaluate")
+    if cfg.log_every_n_steps is not None and cfg.log_every_n_steps < 1:
+        raise ConfigError(f"--log_every_n_steps must be positive, got {cfg.log_every_n_steps}")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "accum_freq": cfg.accum_freq,
                 "linear_probe_batch_size": cfg.linear_probe_batch_size,
                 "linear_probe_num_epochs": cfg.linear_probe_num_epochs}

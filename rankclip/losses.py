@@ -31,10 +31,11 @@ DEFAULT_CHUNK_SIZE = 256
 RANK_SCHEDULES = ("reference", "constant")
 LOSSES = ("rankclip", "clip", "cyclip")
 # Exponents are clamped to _FLOOR before exp: below it fp32 exp is denormal or zero anyway
-# and an order of magnitude slower. The fast Plackett-Luce path needs every normalizer
+# and an order of magnitude slower. The direct Plackett-Luce path needs every normalizer
 # Z' >= _TINY: that keeps each 1/Z' finite and the clamp's error (at most N·e^_FLOOR in any
-# Z') negligible. Rows below it (eps ~ 0 and a row spread over more than ~55 nats) take the
-# log-space path instead.
+# Z') negligible. Z' >= eps, so eps >= _TINY (the default 1e-10) guarantees it; with a smaller
+# eps (0 is the exact likelihood) every row takes the log-space path, exact for any spread.
+# The choice depends on eps alone, so it never needs the host to look at the data (a sync).
 _FLOOR = -87.0
 _TINY = 2.0 ** -80
 
@@ -79,25 +80,17 @@ def _ranked_rows(logits: Tensor, order: Tensor, eps: float, want_grad: bool, pl_
     """
     top, argmax = logits.max(dim=1, keepdim=True)
     z = logits.gather(1, order).sub_(top)
-    rank = -z.sum(1)
-    exp_z = z.clamp_min_(_FLOOR).exp_()
-    norm = exp_z.cumsum(1).add_(eps)
-    total_exp = norm[:, -1] - eps  # >= 1: the row max contributes e^0
-    wide = (norm[:, 0] < _TINY).nonzero().squeeze(1)
-    tail = norm.reciprocal().flip(1).cumsum(1).flip(1) if want_grad else None
-    rank += norm.log_().sum(1)
-    if len(wide):
-        wide_rank, wide_grad, wide_shift = _pl_log_space(logits[wide].gather(1, order[wide]) - top[wide], eps)
-        rank[wide] = wide_rank
+    if eps >= _TINY:
+        rank, grad, shift, exp_z = _pl_direct(z, eps, want_grad)
+    else:
+        rank, grad, shift = _pl_log_space(z, eps)
+        exp_z = z.clamp_min_(_FLOOR).exp_()
+    total_exp = exp_z.sum(1)  # >= 1: the row max contributes e^0
     ce = None
     if labels is not None:
         ce = top.squeeze(1) + total_exp.log() - logits.gather(1, labels[:, None]).squeeze(1)
-    if tail is None:
+    if not want_grad:
         return rank, ce, None
-    shift = tail[:, :1] * eps
-    grad = tail.mul_(exp_z).sub_(1)
-    if len(wide):
-        grad[wide], shift[wide] = wide_grad, wide_shift
     grad.mul_(pl_weight)
     if labels is not None:
         grad.addcmul_(exp_z, (ce_weight / total_exp)[:, None])
@@ -106,6 +99,19 @@ def _ranked_rows(logits: Tensor, order: Tensor, eps: float, want_grad: bool, pl_
     if labels is not None:
         out[torch.arange(len(labels), device=labels.device), labels] -= ce_weight
     return rank, ce, out
+
+
+def _pl_direct(z: Tensor, eps: float, want_grad: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
+    """(loss, dL/dz, max-shift term, e^z) of rows whose normalizers are all >= _TINY; consumes `z`."""
+    rank = -z.sum(1)
+    exp_z = z.clamp_min_(_FLOOR).exp_()
+    norm = exp_z.cumsum(1).add_(eps)
+    tail = norm.reciprocal().flip(1).cumsum(1).flip(1) if want_grad else None
+    rank += norm.log_().sum(1)
+    if tail is None:
+        return rank, None, None, exp_z
+    shift = tail[:, :1] * eps
+    return rank, tail.mul_(exp_z).sub_(1), shift, exp_z
 
 
 class _PlackettLuce(torch.autograd.Function):
@@ -152,6 +158,16 @@ def _ce_rows(logits: Tensor, labels: Tensor, want_grad: bool, weight: float) -> 
     return ce, grad
 
 
+def _assert_positive(scale: Tensor) -> None:
+    """Refuse a non-positive logit scale (it is exp of a parameter) without a host sync: on a GPU the
+    check is queued with the kernels, on the CPU it runs at once."""
+    message = "logit_scale must be positive (it is exp of the parameter)"
+    try:
+        torch._assert_async(scale > 0, message)
+    except RuntimeError as e:
+        raise ValueError(f"{message}, got {scale.item()}") from e
+
+
 class _RowTerms(torch.autograd.Function):
     """Summed loss terms over this process's rows of s·X·Yᵀ and s·U·Vᵀ, chunk by chunk.
 
@@ -167,9 +183,8 @@ class _RowTerms(torch.autograd.Function):
     def forward(ctx, x: Tensor, y: Tensor, u: Tensor, v: Tensor, scale: Tensor, ce_weight: Optional[float],
                 pl_weight: Optional[float], eps: float, offset: int, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
         feats = [t.float() for t in (x, y, u, v)]
-        s = float(scale)
-        if not s > 0:
-            raise ValueError(f"logit_scale must be positive (it is exp of the parameter), got {s}")
+        s = scale.detach().float()  # a tensor: reading its value on the host would wait for the GPU
+        _assert_positive(s)
         wants = ctx.needs_input_grad[:5]
         grads = [torch.zeros_like(f) if want else None for f, want in zip(feats, wants)]
         grad_scale = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -191,13 +206,15 @@ class _RowTerms(torch.autograd.Function):
                     sums[0] += ce.sum()
                 if grad is None:
                     continue
+                # The factor s of ∂logits/∂features is applied once, after the loop.
                 if grads[a] is not None:
-                    grads[a][rows].addmm_(grad, feats[b], alpha=s)
+                    grads[a][rows].addmm_(grad, feats[b])
                 if grads[b] is not None:
-                    grads[b].addmm_(grad.T, feats[a][rows], alpha=s)
+                    grads[b].addmm_(grad.T, feats[a][rows])
                 # in float64: the terms largely cancel, and an fp32 dot loses ~1e-5 of the result at N = 8192
-                grad_scale += torch.dot(grad.view(-1).double(), logits[side].view(-1).double()) / s
-        ctx.grads = [*grads, grad_scale.reshape(scale.shape)]
+                grad_scale += torch.dot(grad.view(-1).double(), logits[side].view(-1).double())
+        grads = [g if g is None else g.mul_(s) for g in grads]
+        ctx.grads = [*grads, (grad_scale / s.double()).reshape(scale.shape)]
         ctx.dtypes = [t.dtype for t in (x, y, u, v, scale)]
         ce_sum, pl_sum = (sums[i].float() for i in range(2))
         total = (ce_weight or 0.0) * ce_sum + (pl_weight or 0.0) * pl_sum

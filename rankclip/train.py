@@ -101,6 +101,12 @@ class FailureCounter:
                             f"(over {FAILURE_LIMIT:.0%}), e.g. {examples}; fix or remove them from the CSV")
 
 
+def read_sums(totals: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The device-side running sums as floats, in one host read."""
+    values = torch.stack(list(totals.values())).tolist() if totals else []
+    return dict(zip(totals, values))
+
+
 @dataclass
 class Trainer:
     """Owns one run's training state; `fit` runs the epochs, evaluates and checkpoints."""
@@ -201,9 +207,12 @@ class Trainer:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
         num_steps = self.data.steps
-        every = progress_interval(num_steps)
+        every = self.cfg.log_every_n_steps or progress_interval(num_steps)
         failures = FailureCounter(self.data.num_samples // self.runtime.world_size)  # this process's share
-        totals: dict[str, float] = dict(resume.sums) if resume is not None else {}
+        # Running sums stay on the device and are read at log and save points only: a .item() per step
+        # would make the host wait for the GPU's queue to drain at every step.
+        totals: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float64, device=self.runtime.device)
+                                           for k, v in (resume.sums.items() if resume is not None else ())}
         seen = resume.seen if resume is not None else 0
         failures.add(list(resume.failed) if resume is not None else [])
         seen_before, lr = seen, self.schedule(max(self.step - 1, 0))
@@ -233,19 +242,20 @@ class Trainer:
             seen += n
             interval_samples += n
             for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + value.item() * n
-            bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{lr:.2e}")
+                totals[key] = totals[key] + value.double() * n if key in totals else value.double() * n
             if (i + 1) % every == 0 or i + 1 == num_steps:
                 now = time.perf_counter()
-                parts = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
+                values = dict(zip(losses, torch.stack([v.float() for v in losses.values()]).tolist()))
+                parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
                 rate = interval_samples / max(now - interval_start, 1e-9)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
                 log.info(f"epoch {epoch} [{i + 1}/{num_steps}] {parts} lr {lr:.3e} "
                          f"logit_scale {logit_scale.item():.2f} samples/s {rate:.1f}")
-                self.logger.step(self.step, epoch, {k: v.item() for k, v in losses.items()} | {"lr": lr})
+                self.logger.step(self.step, epoch, values | {"lr": lr})
                 interval_start, interval_samples = time.perf_counter(), 0
             save, stop = self.savepoints.at_step(self.step, may_save=i + 1 < num_steps)
             if save:
-                self.save(epoch - 1, {"epoch": epoch, "steps_done": i + 1, "seen": seen}, sums=totals,
+                self.save(epoch - 1, {"epoch": epoch, "steps_done": i + 1, "seen": seen}, sums=read_sums(totals),
                           failed=failures.failed)
             if stop:
                 bar.close()
@@ -254,7 +264,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         # Each rank's loss is its rows' share of the global loss: the mean over ranks is the global value.
         keys = sorted(totals)
-        summed = self.runtime.all_sum([totals[k] / self.runtime.world_size for k in keys] + [len(failures.failed)])
+        local = read_sums(totals)  # the epoch's one read
+        summed = self.runtime.all_sum([local[k] / self.runtime.world_size for k in keys] + [len(failures.failed)])
         metrics = {k: v / max(seen, 1) for k, v in zip(keys, summed)}
         rate = (seen - seen_before) / max(elapsed, 1e-9)
         metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,32 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "nonzero", "__float__", "__int__", "__index__", "__bool__",
+              "__format__")
+PACKAGE_DIR = str(Path(__file__).resolve().parent.parent / "rankclip")
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> list[str]:
+    """Every call made from rankclip's own code that reads a tensor's values on the host, as "file:line name".
+
+    On a GPU each of them waits until the device has finished all queued work (a sync). Calls
+    inside torch (e.g. the optimizer reading its CPU step counter) are not counted.
+    """
+    reads: list[str] = []
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(PACKAGE_DIR):
+                reads.append(f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {name}")
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return reads

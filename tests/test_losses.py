@@ -319,3 +319,14 @@ def test_loss_matmuls_run_without_tf32_and_restore_the_setting(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32  # the towers' setting is back
     finally:
         torch.backends.cuda.matmul.allow_tf32 = towers_setting
+
+
+@pytest.mark.parametrize("eps", [1e-10, 0.0])
+def test_loss_reads_nothing_back_to_the_host(host_reads, eps):
+    """No .item()/float()/nonzero() inside the loss: each would stall a GPU's queue at every step."""
+    image, text = (f.float().requires_grad_() for f in unit_features(16, 8, seed=11))
+    scale = torch.tensor(30.0, requires_grad=True)
+    losses = RankCLIPLoss(0.5, 0.3, eps, chunk_size=4)(image, text, scale, augmented_image_features=None)
+    losses["loss"].backward()
+    CyClipLoss(0.25, 0.5, 4)(image.detach(), text.detach(), scale.detach())
+    assert host_reads == []

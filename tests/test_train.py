@@ -3,8 +3,12 @@ import math
 import pytest
 import torch
 
+from rankclip.config import Config
+from rankclip.distributed import Runtime
+from rankclip.logger import RunLogger
+from rankclip.losses import build_loss
 from rankclip.optim import build_optimizer
-from rankclip.train import CosineSchedule, DataError, FailureCounter
+from rankclip.train import CosineSchedule, DataError, FailureCounter, Trainer
 
 
 def test_schedule_warms_up_from_step_zero_and_ends_at_zero():
@@ -61,3 +65,57 @@ def test_failure_counter_stops_past_one_percent():
     counter.add(["c.jpg"])  # 3 is exactly 1%
     with pytest.raises(DataError, match="4 of 300 training images cannot be read.*a.jpg"):
         counter.add(["d.jpg"])
+
+
+class TinyTowers(torch.nn.Module):
+    """Stand-in for an open_clip model: linear image and bag-of-words text towers, a logit scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = torch.nn.Linear(3 * 4 * 4, 8)
+        self.text = torch.nn.Embedding(16, 8)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def forward(self, images, texts):
+        image = torch.nn.functional.normalize(self.image(images.flatten(1)), dim=-1)
+        text = torch.nn.functional.normalize(self.text(texts).mean(1), dim=-1)
+        return image, text, self.logit_scale.exp()
+
+
+class ListData:
+    """TrainData's interface over batches made in advance (no loader, so only the step is measured)."""
+
+    def __init__(self, steps: int, micro_batches: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.steps, self.num_samples = steps, steps * micro_batches * 8
+        self.batches = [{"image": torch.randn(8, 3, 4, 4, generator=generator),
+                         "text": torch.randint(0, 16, (8, 5), generator=generator), "failed": []}
+                        for _ in range(steps * micro_batches)]
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def tiny_trainer(steps: int, accum_freq: int, **settings) -> Trainer:
+    torch.manual_seed(0)
+    model = TinyTowers()
+    cfg = Config(accum_freq=accum_freq, precision="fp32", log_every_n_steps=1000, name="tiny", **settings)
+    return Trainer(model=model, unwrapped=model, optimizer=build_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.1),
+                   scaler=None, schedule=CosineSchedule(1e-3, 2, 100), loss_fn=build_loss("rankclip"),
+                   data=ListData(steps, accum_freq), evaluator=None, checkpointer=None,
+                   logger=RunLogger(cfg, enabled=False), runtime=Runtime(), cfg=cfg)
+
+
+@pytest.mark.parametrize("accum_freq", [1, 2])
+def test_training_steps_read_nothing_back_until_a_log_point(host_reads, accum_freq):
+    """Host reads of tensor values happen at log points and once at the end of an epoch, never per step."""
+    counts = []
+    for steps in (3, 9):
+        host_reads.clear()
+        metrics = tiny_trainer(steps, accum_freq).train_epoch(epoch=1, weight=1.0)
+        counts.append(len(host_reads))
+        assert metrics["step"] == steps and math.isfinite(metrics["loss"])
+    assert counts[0] == counts[1], host_reads
