@@ -16,10 +16,11 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
 
 from .augment import AugmentedImage, augment_caption
 from .config import ConfigError
+from .distributed import rank_block
 
 MAX_SUBSTITUTIONS = 10  # consecutive unreadable images tolerated before a sample gives up
 FAILURE_LIMIT = 0.01  # fraction of an epoch's samples allowed to be unreadable
@@ -98,20 +99,28 @@ def read_caption_csv(path: str, image_key: str, caption_key: str, delimiter: str
 class CaptionDataset(Dataset):
     """(image, tokenized caption) pairs from a CSV; indexed by (epoch, index) for seeded augmentation.
 
-    An unreadable image is replaced by the next readable one (so every batch keeps its size and
-    processes stay in step) and its path is reported with the sample, to be counted.
+    For training (`substitute`), an unreadable image is replaced by the next readable one (so every
+    batch keeps its size and processes stay in step) and its path is reported with the sample, to
+    be counted. For validation it is skipped: the item is only `{"failed": [path]}`, which
+    `collate_samples` leaves out of the batch (a substitute would duplicate its neighbour's pair
+    in the same batch, and two identical pairs hold the contrastive loss above log 2).
     """
 
     def __init__(self, images: Sequence[str], captions: Sequence[str], make_sample: SampleMaker, seed: int,
-                 min_size: Optional[int] = None) -> None:
+                 min_size: Optional[int] = None, substitute: bool = True) -> None:
         self.images, self.captions = list(images), list(captions)
-        self.make_sample, self.seed, self.min_size = make_sample, seed, min_size
+        self.make_sample, self.seed, self.min_size, self.substitute = make_sample, seed, min_size, substitute
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
+        if not self.substitute:
+            image = load_image(self.images[index], self.min_size)
+            if image is None:
+                return {"failed": [self.images[index]]}
+            return self.make_sample(image, self.captions[index], sample_seed(self.seed, epoch, index), [])
         failed = []
         for attempt in range(MAX_SUBSTITUTIONS):
             i = (index + attempt) % len(self)
@@ -126,8 +135,10 @@ class CaptionDataset(Dataset):
 
 def collate_samples(samples: list[dict]) -> dict:
     """Stack the tensors (default_collate does it straight into shared memory inside a worker,
-    saving a copy on the way to the main process) and list the unreadable paths."""
-    batch = default_collate([{k: v for k, v in s.items() if k != "failed"} for s in samples])
+    saving a copy on the way to the main process) and list the unreadable paths. Skipped
+    samples (no "image") are left out; a batch of nothing but those holds only "failed"."""
+    readable = [{k: v for k, v in s.items() if k != "failed"} for s in samples if "image" in s]
+    batch = default_collate(readable) if readable else {}
     batch["failed"] = [path for s in samples for path in s["failed"]]
     return batch
 
@@ -200,11 +211,17 @@ class GlobalBatchSampler(Sampler):
 def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimiter: str, make_sample: SampleMaker,
                          seed: int, global_batch: int, rank: int, world: int, num_workers: int, pin_memory: bool,
                          train: bool, micro_batches: int = 1, min_size: Optional[int] = None) -> DataLoader:
-    """Training (shuffled, full global batches) or validation (in order, every sample) loader for a CSV."""
+    """Training (shuffled, full global batches) or validation loader for a CSV.
+
+    Validation: this process's contiguous block of the rows (`rank_block`), in order, in batches of
+    `global_batch`, unreadable rows skipped; gathering the blocks in rank order gives every row once.
+    """
     images, captions = read_caption_csv(path, image_key, caption_key, delimiter)
-    dataset = CaptionDataset(images, captions, make_sample, seed, min_size)
-    sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, shuffle=train, drop_last=train,
-                                 micro_batches=micro_batches)
+    dataset = CaptionDataset(images, captions, make_sample, seed, min_size, substitute=train)
+    if train:
+        sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, micro_batches=micro_batches)
+    else:
+        sampler = BatchSampler([(0, i) for i in rank_block(len(dataset), rank, world)], global_batch, drop_last=False)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
                       pin_memory=pin_memory, persistent_workers=train and num_workers > 0,
                       generator=loader_generator(seed))

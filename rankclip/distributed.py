@@ -62,6 +62,32 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def rank_block(count: int, rank: int, world: int) -> range:
+    """Process `rank`'s contiguous share of `count` items for evaluation (sizes differ by at most one);
+    the blocks in rank order are range(count)."""
+    return range(count * rank // world, count * (rank + 1) // world)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0 in rank order, on every rank; row counts may differ
+    (a rank with no rows passes an empty tensor of the right dtype). `x` itself if not distributed."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return x
+    shapes: list[tuple[int, ...]] = [()] * world
+    dist.all_gather_object(shapes, tuple(x.shape))
+    trailing = next((shape[1:] for shape in shapes if shape[0] > 0), None)
+    if trailing is None:
+        return x
+    rows = max(shape[0] for shape in shapes)
+    padded = x.new_zeros((rows, *trailing))
+    if len(x):
+        padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:shape[0]] for part, shape in zip(parts, shapes)])
+
+
 # ----------------------------------------------------------------------------------------------
 # Processes and devices: one process, `--distributed` (one spawned process per GPU), torchrun
 # (env://, any number of nodes) or Slurm's srun (SLURM_* variables + MASTER_ADDR/MASTER_PORT).

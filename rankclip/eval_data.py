@@ -30,6 +30,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .config import ConfigError
 from .data import load_image, read_caption_csv
+from .distributed import rank_block
 
 IMAGENET_FAMILY = ("ImageNet1K", "ImageNetSketch", "ImageNetV2", "ImageNet-A", "ImageNet-R")
 IMAGENET_SUBSETS = ("ImageNet-A", "ImageNet-R")  # 200-class subsets, chosen by their folders
@@ -316,6 +317,8 @@ def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, labels, len(samples) - len(good)
 
 
-def build_labeled_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_labeled,
-                      pin_memory=pin_memory)
+def build_labeled_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, rank: int = 0,
+                         world: int = 1) -> DataLoader:
+    """Process `rank`'s contiguous block of `dataset`, in order (evaluation gathers the blocks)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=rank_block(len(dataset), rank, world),
+                      num_workers=num_workers, collate_fn=collate_labeled, pin_memory=pin_memory)

@@ -1,9 +1,13 @@
 """Evaluation, each epoch and in evaluation-only runs: validation loss with representation
 analysis, zero-shot classification, linear probes and image-text retrieval.
 
-Everything runs on the main process under no_grad (and autocast on CUDA); features are
-computed in batches once per set and pass, and each zero-shot text classifier is built once
-per evaluation. Every result becomes one results.jsonl record.
+Every process takes part: each encodes its contiguous block of every set's images (its loaders
+hold only that block, `distributed.rank_block`) and of the prompts and captions, and the
+features are gathered in rank order, so every process holds the same features as a
+one-process evaluation (to float rounding) and computes the same metrics from them; only the
+main process's logger writes them. Everything runs under no_grad (and autocast on CUDA);
+features are computed in batches once per set and pass, and each zero-shot text classifier is
+built once per evaluation. Every result becomes one results.jsonl record.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ import torch
 from tqdm import tqdm
 
 from .config import ConfigError
+from .distributed import gather_rows, rank_and_world, rank_block
 from .linear_probe import probe_accuracy, train_linear_probe
 from .logger import RunLogger, log
 from .metrics import representation_metrics, retrieval_recall, topk_correct
 
 TOP_K = (1, 3, 5, 10)
 TEXT_BATCH = 256
+# The validation loss is a mean over batches of about this many samples, whatever --batch_size
+# and the number of processes: the contrastive and rank losses grow with the batch (a batch of
+# one has loss 0), so a loss over batches that vary in size would not compare across runs.
+VALIDATION_LOSS_BATCH = 256
 
 
 @dataclass
@@ -69,38 +78,55 @@ def zero_shot_classifier(model: torch.nn.Module, tokenizer: Callable, classes: S
 @torch.no_grad()
 def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str],
                  device: torch.device) -> torch.Tensor:
-    """Normalized fp32 text features [len(texts), d], TEXT_BATCH texts at a time."""
-    features = [model.encode_text(tokenizer(texts[i:i + TEXT_BATCH]).to(device), normalize=True).float()
-                for i in range(0, len(texts), TEXT_BATCH)]
-    return torch.cat(features)
+    """Normalized fp32 text features [len(texts), d], TEXT_BATCH texts at a time; each process
+    encodes its block of `texts` and every process gets all features (all processes must call)."""
+    block = rank_block(len(texts), *rank_and_world())
+    mine = texts[block.start:block.stop]
+    features = [model.encode_text(tokenizer(mine[i:i + TEXT_BATCH]).to(device), normalize=True).float()
+                for i in range(0, len(mine), TEXT_BATCH)]
+    return gather_rows(torch.cat(features) if features else torch.empty(0, device=device))
 
 
 def progress(loader: torch.utils.data.DataLoader, desc: str) -> Iterator:
-    """The loader's batches, with a progress bar counted in images (so it shows images/s)."""
-    with tqdm(total=len(loader.dataset), desc=desc, unit="img", leave=False) as bar:
+    """The loader's batches, with a progress bar counted in this process's images (so it shows images/s)."""
+    with tqdm(total=len(loader.sampler), desc=desc, unit="img", leave=False) as bar:
         for batch in loader:
             yield batch
             images, _, unreadable = batch
             bar.update(len(images) + unreadable)
 
 
+def validation_losses(loss_fn: torch.nn.Module, image_features: torch.Tensor, text_features: torch.Tensor,
+                      logit_scale: torch.Tensor, rank_weight: float) -> tuple[dict[str, float], int]:
+    """Loss parts averaged over samples, the samples cut in order into ceil(N / VALIDATION_LOSS_BATCH)
+    batches whose sizes differ by at most one; returns them and the largest batch size."""
+    count = len(image_features)
+    batches = -(-count // VALIDATION_LOSS_BATCH)
+    totals: dict[str, torch.Tensor] = {}
+    for images, texts in zip(image_features.tensor_split(batches), text_features.tensor_split(batches)):
+        losses = loss_fn(images, texts, logit_scale, rank_weight=rank_weight)
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + value.double() * len(images)
+    keys = list(totals)
+    values = torch.stack([totals[k] for k in keys]).div_(count).tolist()
+    return dict(zip(keys, values)), -(-count // batches)
+
+
 class Evaluator:
-    """Runs the configured evaluations on the main process and records them in results.jsonl."""
+    """Runs the configured evaluations, shared by all processes, and records them in results.jsonl."""
 
     def __init__(self, *, device: torch.device, autocast: Callable, loss_fn: torch.nn.Module,
                  validation_loader: Optional[torch.utils.data.DataLoader], tokenizer: Callable, logger: RunLogger,
                  zero_shot: Sequence[ZeroShotTask] = (), probes: Sequence[LinearProbeTask] = (),
-                 retrieval: Sequence[RetrievalTask] = (), enabled: bool = True) -> None:
+                 retrieval: Sequence[RetrievalTask] = ()) -> None:
         self.device, self.autocast, self.loss_fn = device, autocast, loss_fn
         self.validation_loader, self.tokenizer, self.logger = validation_loader, tokenizer, logger
         self.zero_shot_tasks, self.probes, self.retrievals = zero_shot, probes, retrieval
-        self.enabled = enabled
 
     def run(self, model: torch.nn.Module, epoch: int, rank_weight: float) -> dict[str, float]:
-        """Evaluate `model` (unwrapped); returns every number recorded, by its full name
-        ("validation/contrastive_loss", "eval/ImageNet1K/zeroshot_top1"); {} on other ranks."""
-        if not self.enabled:
-            return {}
+        """Evaluate `model` (unwrapped; every process calls this); returns every number recorded, by its
+        full name ("validation/contrastive_loss", "eval/ImageNet1K/zeroshot_top1"); {} on other ranks
+        (their logger records nothing)."""
         was_training = model.training
         model.eval()
         recorded: dict[str, float] = {}
@@ -117,24 +143,30 @@ class Evaluator:
 
     @torch.no_grad()
     def validation(self, model: torch.nn.Module, rank_weight: float) -> dict:
-        """Loss parts averaged over samples (each batch's loss is a per-batch mean, weighted by size),
-        and the representation analysis of all validation features together."""
-        totals: dict[str, float] = {}
-        image_parts, text_parts = [], []
+        """Loss parts (`validation_losses`) and the representation analysis of all readable validation
+        pairs; unreadable rows are skipped, counted (`skipped_samples`) and reported."""
+        image_parts, text_parts, failed = [], [], []
         for batch in tqdm(self.validation_loader, desc="validation", leave=False):
+            failed += batch["failed"]
+            if "image" not in batch:
+                continue
             with self.autocast():
-                image_features, text_features, logit_scale = model(batch["image"].to(self.device),
-                                                                   batch["text"].to(self.device))
-            image_features, text_features = image_features.float(), text_features.float()
-            losses = self.loss_fn(image_features, text_features, logit_scale.float(), rank_weight=rank_weight)
-            n = batch["image"].shape[0]
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + value.item() * n
-            image_parts.append(image_features)
-            text_parts.append(text_features)
-        count = sum(len(part) for part in image_parts)
-        analysis = representation_metrics(torch.cat(image_parts), torch.cat(text_parts)) if count >= 3 else {}
-        return {k: v / count for k, v in totals.items()} | analysis | {"num_samples": count}
+                image_features, text_features, _ = model(batch["image"].to(self.device), batch["text"].to(self.device))
+            image_parts.append(image_features.float())
+            text_parts.append(text_features.float())
+        images, texts = (gather_rows(torch.cat(parts) if parts else torch.empty(0, device=self.device))
+                         for parts in (image_parts, text_parts))
+        logit_scale = model.logit_scale.exp().float()  # what the forward returns, also on a rank without rows
+        skipped = int(gather_rows(torch.tensor([len(failed)], device=self.device)).sum())
+        if failed:
+            log.warning(f"validation: skipped {len(failed)} unreadable images, e.g. {failed[0]}")
+        count = len(images)
+        if count < 2:
+            raise ConfigError(f"validation: {count} readable image-caption pairs ({skipped} unreadable); the "
+                              f"validation loss needs at least 2: fix the images or the --validation_data CSV")
+        losses, batch_size = validation_losses(self.loss_fn, images, texts, logit_scale, rank_weight)
+        analysis = representation_metrics(images, texts) if count >= 3 else {}
+        return losses | analysis | {"num_samples": count, "skipped_samples": skipped, "loss_batch_size": batch_size}
 
     @torch.no_grad()
     def image_features(self, model: torch.nn.Module, loader: torch.utils.data.DataLoader, desc: str,
@@ -151,9 +183,11 @@ class Evaluator:
             labels.append(batch_labels.to(self.device))
         if unreadable:
             log.warning(f"{desc}: skipped {unreadable} unreadable images")
-        if not features:
+        features = gather_rows(torch.cat(features) if features else torch.empty(0, device=self.device))
+        labels = gather_rows(torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=self.device))
+        if not len(features):
             raise ConfigError(f"{desc}: none of the images can be read; check the folder")
-        return torch.cat(features), torch.cat(labels)
+        return features, labels
 
     @torch.no_grad()
     def zero_shot(self, model: torch.nn.Module, task: ZeroShotTask) -> dict:
@@ -182,7 +216,7 @@ class Evaluator:
     def retrieval(self, model: torch.nn.Module, task: RetrievalTask) -> dict:
         image_features, image_ids = self.image_features(model, task.image_loader, f"retrieval {task.name}")
         # Captions of unreadable images have nothing to retrieve: drop them, renumber the rest.
-        position = torch.full((len(task.image_loader.dataset),), -1, dtype=torch.long)
+        position = torch.full((len(task.image_loader.dataset),), -1, dtype=torch.long)  # the whole set's images
         position[image_ids.cpu()] = torch.arange(len(image_ids))
         caption_image = position[task.caption_image]
         kept = (caption_image >= 0).nonzero().flatten().tolist()

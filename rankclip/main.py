@@ -34,13 +34,14 @@ EVAL_BATCH_SIZE = 256
 
 def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunLogger) -> Evaluator:
     pin = runtime.device.type == "cuda"
-    loader = partial(build_labeled_loader, batch_size=EVAL_BATCH_SIZE, num_workers=cfg.num_workers, pin_memory=pin)
+    loader = partial(build_labeled_loader, batch_size=EVAL_BATCH_SIZE, num_workers=cfg.num_workers, pin_memory=pin,
+                     rank=runtime.rank, world=runtime.world_size)
     validation = None
     if cfg.validation_data:
         validation = build_caption_loader(
             cfg.validation_data, image_key=cfg.image_key, caption_key=cfg.caption_key, delimiter=cfg.delimiter,
             make_sample=SampleMaker(bundle.val_transform, bundle.tokenizer), seed=cfg.seed,
-            global_batch=min(cfg.batch_size, EVAL_BATCH_SIZE), rank=0, world=1,
+            global_batch=EVAL_BATCH_SIZE, rank=runtime.rank, world=runtime.world_size,
             num_workers=cfg.num_workers, pin_memory=pin, train=False, min_size=bundle.image_size)
     zero_shot, probes = [], []
     sets = zip(cfg.eval_data_type or (), cfg.eval_test_data_dir or (), cfg.eval_train_data_dir or repeat(None))
@@ -62,7 +63,7 @@ def build_evaluator(cfg: Config, runtime: Runtime, bundle, loss_fn, logger: RunL
         retrieval.append(RetrievalTask(data.name, loader(data.images), data.captions, data.caption_image))
     return Evaluator(device=runtime.device, autocast=partial(autocast, runtime.device, cfg.precision),
                      loss_fn=loss_fn, validation_loader=validation, tokenizer=bundle.tokenizer, logger=logger,
-                     zero_shot=zero_shot, probes=probes, retrieval=retrieval, enabled=runtime.is_main)
+                     zero_shot=zero_shot, probes=probes, retrieval=retrieval)
 
 
 def run(runtime: Runtime, cfg: Config) -> None:
@@ -83,7 +84,7 @@ def run(runtime: Runtime, cfg: Config) -> None:
     objective = partial(build_loss, cfg.loss, lambda1=cfg.lambda1, lambda2=cfg.lambda2, rank_eps=cfg.rank_eps,
                         cylambda1=cfg.cylambda1, cylambda2=cfg.cylambda2)
     loss_fn = objective()
-    # Rank 0 evaluates alone: its validation loss must not wait for the other ranks' features.
+    # Every rank evaluates on the gathered features: the validation loss must not gather again.
     evaluator = build_evaluator(cfg, runtime, bundle, objective(gather=False), logger)
     log.info(f"model {cfg.model_name} ({bundle.open_clip_name}), "
              f"{sum(p.numel() for p in bundle.model.parameters()) / 1e6:.2f}M parameters, loss {cfg.loss}")

@@ -145,7 +145,7 @@ class Trainer:
                 self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
                 self.logger.results(epoch, "train", train_metrics)
                 recorded = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
-                self.runtime.barrier()  # the other ranks wait (with no time limit) while rank 0 evaluates
+                self.runtime.barrier()
                 self.save(epoch, position=None, recorded=recorded)
                 if self.savepoints.at_step(self.step, may_save=False)[1]:
                     raise Preempted(self.savepoints.stop_reason())

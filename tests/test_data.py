@@ -3,7 +3,8 @@ import torch
 from PIL import Image
 
 from rankclip.config import ConfigError
-from rankclip.data import CaptionDataset, GlobalBatchSampler, SampleMaker, collate_samples, read_caption_csv
+from rankclip.data import (CaptionDataset, GlobalBatchSampler, SampleMaker, build_caption_loader, collate_samples,
+                           read_caption_csv)
 
 
 def to_tensor(image):
@@ -79,9 +80,16 @@ def test_sampler_refuses_impossible_batches():
         GlobalBatchSampler(5, 8, seed=0)
 
 
-def test_validation_sampler_keeps_every_sample_in_order():
-    batches = list(GlobalBatchSampler(10, 4, seed=0, shuffle=False, drop_last=False))
-    assert [[i for _, i in b] for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_validation_blocks_keep_every_sample_once_in_order(colour_data, world):
+    keys = []
+    for rank in range(world):
+        loader = build_caption_loader(str(colour_data["validation"]), image_key="image", caption_key="caption",
+                                      delimiter=",", make_sample=SampleMaker(to_tensor, fake_tokenizer), seed=0,
+                                      global_batch=5, rank=rank, world=world, num_workers=0, pin_memory=False,
+                                      train=False)
+        keys += [key for batch in loader.batch_sampler for key in batch]
+    assert keys == [(0, i) for i in range(64)]
 
 
 def test_augmentation_is_seeded_per_sample(colour_data):
@@ -129,3 +137,16 @@ def test_a_resumed_loader_opens_no_image_of_the_skipped_steps(colour_data, monke
     sampler.set_epoch(1, start_step=5)
     batches = list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples))
     assert len(batches) == 3 and len(opened) == 3 * 32
+
+
+def test_unreadable_validation_image_is_skipped_not_replaced(tmp_path, colour_data):
+    images, captions = read_caption_csv(str(colour_data["validation"]), "image", "caption", ",")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    images[3] = str(broken)
+    dataset = CaptionDataset(images, captions, SampleMaker(to_tensor, fake_tokenizer), seed=0, substitute=False)
+    assert dataset[(0, 3)] == {"failed": [str(broken)]}
+    batch = collate_samples([dataset[(0, i)] for i in range(2, 6)])
+    assert batch["failed"] == [str(broken)] and len(batch["image"]) == 3
+    assert batch["text"].flatten().tolist() == [len(captions[i]) for i in (2, 4, 5)]
+    assert collate_samples([dataset[(0, 3)]]) == {"failed": [str(broken)]}
