@@ -27,7 +27,7 @@ from .models import build_model
 from .optim import build_optimizer
 from .rankstate import seed_rank
 from .savepoints import EXIT_PREEMPTED, Preempted
-from .train import CosineSchedule, Trainer, autocast
+from .train import CosineSchedule, Trainer, autocast, build_scaler
 
 EVAL_BATCH_SIZE = 256
 
@@ -108,8 +108,7 @@ def run(runtime: Runtime, cfg: Config) -> None:
         pin_memory=runtime.device.type == "cuda", micro_batches=cfg.accum_freq, min_size=bundle.image_size)
     steps_per_epoch = data.steps
     optimizer = build_optimizer(bundle.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
-    use_scaler = runtime.device.type == "cuda" and cfg.precision == "amp"
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    scaler = build_scaler(runtime.device, cfg.precision)
     checkpointer = Checkpointer(cfg.run_dir, enabled=runtime.is_main, best_metric=cfg.best_metric,
                                 keep=cfg.keep_checkpoints)
     seed_rank(cfg.seed, runtime.rank)  # weights are built (and broadcast by DDP): now each rank's own stream

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
@@ -53,14 +54,30 @@ class CosineSchedule:
         return 0.5 * self.base_lr * (1 + math.cos(math.pi * progress))
 
 
+# Tests only: with RANKCLIP_CPU_AMP=1 the CPU runs --precision amp / amp_bf16 as a GPU would (CPU
+# autocast, fp16 with a GradScaler), so that those code paths are exercised without a GPU. Users on
+# a CPU always train in fp32.
+CPU_AMP_ENV = "RANKCLIP_CPU_AMP"
+
+
+def mixed_precision(device: torch.device) -> bool:
+    """Whether --precision amp / amp_bf16 take effect on `device`."""
+    return device.type == "cuda" or os.environ.get(CPU_AMP_ENV) == "1"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA only; CPU always runs fp32."""
+    """Mixed precision on CUDA (and where RANKCLIP_CPU_AMP asks for it); otherwise fp32."""
     dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "fp32": None}
     if precision not in dtypes:
         raise ValueError(f"unknown precision {precision!r}; expected one of {list(dtypes)}")
-    if device.type != "cuda" or dtypes[precision] is None:
+    if dtypes[precision] is None or not mixed_precision(device):
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtypes[precision])
+    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
+
+
+def build_scaler(device: torch.device, precision: str) -> Optional[torch.amp.GradScaler]:
+    """fp16 needs loss scaling (gradients below fp16's range would vanish); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if precision == "amp" and mixed_precision(device) else None
 
 
 def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:

@@ -1,4 +1,5 @@
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from rankclip.distributed import Runtime
 from rankclip.logger import RunLogger
 from rankclip.losses import build_loss
 from rankclip.optim import build_optimizer
-from rankclip.train import CosineSchedule, DataError, FailureCounter, Trainer
+from rankclip.train import (CPU_AMP_ENV, MAX_LOGIT_SCALE, CosineSchedule, DataError, FailureCounter, Trainer,
+                            build_scaler)
 
 
 def test_schedule_warms_up_from_step_zero_and_ends_at_zero():
@@ -99,14 +101,20 @@ class ListData:
         return iter(self.batches)
 
 
-def tiny_trainer(steps: int, accum_freq: int, **settings) -> Trainer:
+def tiny_trainer(steps: int, accum_freq: int = 1, precision: str = "fp32", compile: bool = False,
+                 data: Optional[ListData] = None) -> Trainer:
     torch.manual_seed(0)
-    model = TinyTowers()
-    cfg = Config(accum_freq=accum_freq, precision="fp32", log_every_n_steps=1000, name="tiny", **settings)
-    return Trainer(model=model, unwrapped=model, optimizer=build_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.1),
-                   scaler=None, schedule=CosineSchedule(1e-3, 2, 100), loss_fn=build_loss("rankclip"),
-                   data=ListData(steps, accum_freq), evaluator=None, checkpointer=None,
-                   logger=RunLogger(cfg, enabled=False), runtime=Runtime(), cfg=cfg)
+    model, runtime = TinyTowers(), Runtime()
+    cfg = Config(accum_freq=accum_freq, precision=precision, log_every_n_steps=1000, name="tiny")
+    return Trainer(model=runtime.wrap(model, compile=compile), unwrapped=model,
+                   optimizer=build_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.1),
+                   scaler=build_scaler(runtime.device, precision), schedule=CosineSchedule(1e-3, 2, 100),
+                   loss_fn=build_loss("rankclip"), data=data or ListData(steps, accum_freq), evaluator=None,
+                   checkpointer=None, logger=RunLogger(cfg, enabled=False), runtime=runtime, cfg=cfg)
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 @pytest.mark.parametrize("accum_freq", [1, 2])
@@ -119,3 +127,74 @@ def test_training_steps_read_nothing_back_until_a_log_point(host_reads, accum_fr
         counts.append(len(host_reads))
         assert metrics["step"] == steps and math.isfinite(metrics["loss"])
     assert counts[0] == counts[1], host_reads
+
+
+def test_cpu_runs_fp32_whatever_the_precision_flag(monkeypatch):
+    monkeypatch.delenv(CPU_AMP_ENV, raising=False)
+    trainer = tiny_trainer(2, precision="amp")
+    dtypes = []
+    trainer.unwrapped.image.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    trainer.train_epoch(epoch=1, weight=1.0)
+    assert trainer.scaler is None and dtypes == [torch.float32] * 2
+
+
+def test_amp_bf16_on_the_cpu_runs_the_towers_in_bf16(monkeypatch):
+    monkeypatch.setenv(CPU_AMP_ENV, "1")
+    trainer = tiny_trainer(3, precision="amp_bf16")
+    dtypes = []
+    trainer.unwrapped.image.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    before = parameters(trainer.unwrapped)
+    metrics = trainer.train_epoch(epoch=1, weight=1.0)
+    assert trainer.scaler is None and dtypes == [torch.bfloat16] * 3
+    assert math.isfinite(metrics["loss"])
+    assert not torch.equal(before["image.weight"], trainer.unwrapped.image.weight)
+
+
+class Recording(ListData):
+    """Records the parameters, lr and loss scale before each step; before step `poke`, sets the
+    logit-scale parameter above the clamp."""
+
+    def __init__(self, steps: int, trainer_ref: list, poke: int) -> None:
+        super().__init__(steps, 1)
+        self.trainer_ref, self.poke, self.before = trainer_ref, poke, []
+
+    def __iter__(self):
+        for step, batch in enumerate(self.batches):
+            trainer = self.trainer_ref[0]
+            if step == self.poke:
+                with torch.no_grad():
+                    trainer.unwrapped.logit_scale.fill_(5.0)
+            self.before.append((parameters(trainer.unwrapped), trainer.scaler.get_scale()))
+            yield batch
+
+
+def test_fp16_scaler_on_the_cpu_skips_an_overflowing_step(monkeypatch):
+    """An inf in one batch: that step changes no weight, the scale halves, and the logit-scale clamp,
+    the step count and the lr schedule go on as for any step."""
+    monkeypatch.setenv(CPU_AMP_ENV, "1")
+    ref: list = []
+    data = Recording(4, ref, poke=2)
+    data.batches[2]["image"][0, 0, 0, 0] = float("inf")
+    trainer = tiny_trainer(4, precision="amp", data=data)
+    ref.append(trainer)
+    assert isinstance(trainer.scaler, torch.amp.GradScaler)
+    # The default first scale, 2^16, overflows this model's fp16 gradients until it has backed off;
+    # start where finite steps stay finite, so that only the inf batch overflows.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    metrics = trainer.train_epoch(epoch=1, weight=1.0)
+    (at_2, scale_2), (at_3, scale_3) = data.before[2], data.before[3]
+    assert scale_3 == scale_2 / 2 and data.before[1][1] == scale_2  # only the overflowing step halves it
+    assert at_2["logit_scale"].item() == 5.0 and at_3["logit_scale"].item() == pytest.approx(MAX_LOGIT_SCALE)
+    assert all(torch.equal(at_2[k], at_3[k]) for k in at_2 if k != "logit_scale")  # the step was skipped
+    assert not torch.equal(data.before[1][0]["image.weight"], at_2["image.weight"])  # steps before it were not
+    assert not torch.equal(at_3["image.weight"], trainer.unwrapped.image.weight)  # nor the one after it
+    assert trainer.step == 4 and metrics["lr"] == trainer.schedule(3)
+
+
+def test_compiled_model_trains_like_the_eager_one():
+    eager, compiled = tiny_trainer(3), tiny_trainer(3, compile=True)
+    for trainer in (eager, compiled):
+        trainer.train_epoch(epoch=1, weight=1.0)
+    assert compiled.model is not compiled.unwrapped  # torch.compile's wrapper ran the steps
+    for key, value in parameters(eager.unwrapped).items():
+        torch.testing.assert_close(parameters(compiled.unwrapped)[key], value, rtol=1e-4, atol=1e-5)
