@@ -172,7 +172,9 @@ class Evaluator:
     def image_features(self, model: torch.nn.Module, loader: torch.utils.data.DataLoader, desc: str,
                        normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 features [N, d] (unit rows unless `normalize` is False) and labels [N] of a labelled
-        loader's readable images."""
+        loader's readable images, gathered from every process's block."""
+        if rank_and_world()[1] > 1:
+            log.info(f"{desc}: {len(loader.sampler)} of {len(loader.dataset)} images encoded by this process")
         features, labels, unreadable = [], [], 0
         for images, batch_labels, bad in progress(loader, desc):
             unreadable += bad

@@ -1,8 +1,8 @@
 """CLIP, CyCLIP and RankCLIP objectives, and the Plackett-Luce (ListMLE) kernel behind RankCLIP.
 
-Similarity matrices are never materialized whole: `_RowTerms` walks the rows in chunks of
-`chunk_size`, so at most chunk_size × N similarities per term are alive and memory grows
-linearly in N. It computes the gradients in the forward pass (sorting, the costly part, then
+Similarity matrices are never materialized whole: `_RowTerms` walks the rows in chunks
+(`default_chunk_size`: large on GPUs, cache-sized on CPUs), so at most chunk × N similarities
+per term are alive and memory grows linearly in N. It computes the gradients in the forward pass (sorting, the costly part, then
 happens once) and keeps only the O(N·d) feature gradients for backward. Math is fp32 (float64
 for CyCLIP's Gram terms) whatever the feature dtype; gradients come back in the features'
 dtype. Only `loss` carries gradient: the other returned values are detached, for logging.
@@ -25,9 +25,12 @@ from torch.autograd.function import once_differentiable
 
 from .distributed import gather_with_grad, rank_and_world
 
-# Rows per chunk. Memory per term is ~80 bytes × chunk_size × N; larger chunks mean fewer,
-# larger kernels (better on GPUs and on busy CPUs), smaller ones stay in cache (best on an idle CPU).
-DEFAULT_CHUNK_SIZE = 256
+# Row chunks (see default_chunk_size). Memory per term is about CHUNK_BYTES_PER_SIMILARITY x rows x N.
+CHUNK_BYTES_PER_SIMILARITY = 80
+CPU_CHUNK_SIMILARITIES = 2**19  # 2 MiB of fp32 similarities: about one core's L2 cache
+CPU_CHUNK_ROWS = (64, 128)
+GPU_CHUNK_BYTES = 2**30
+GPU_MIN_CHUNK_ROWS = 256
 RANK_SCHEDULES = ("reference", "constant")
 LOSSES = ("rankclip", "clip", "cyclip")
 # Exponents are clamped to _FLOOR before exp: below it fp32 exp is denormal or zero anyway
@@ -38,6 +41,24 @@ LOSSES = ("rankclip", "clip", "cyclip")
 # The choice depends on eps alone, so it never needs the host to look at the data (a sync).
 _FLOOR = -87.0
 _TINY = 2.0 ** -80
+
+
+def default_chunk_size(device: torch.device, columns: int) -> int:
+    """Rows per chunk of the loss for N = `columns`, chosen by device.
+
+    GPU: as many rows as a 1 GiB working set allows (GPU_CHUNK_BYTES / (80 bytes · N)), at least
+    256: a GPU wants few, large kernels, and the loss's memory stays a small, fixed share of the
+    device (at N = 32768, 409 rows; up to N ≈ 50 000 a whole local batch of 256+ rows). CPU: about
+    2^19 similarities per chunk (a chunk's several rows × N arrays then stay near the cache), within
+    [64, 128] rows: fewer rows make the per-operation overhead dominate, more spill the cache. On
+    a 2-core CPU, forward + backward at d = 512, one thread (`utils/benchmark.py loss --chunk_size
+    ...`): 128 rows was within 2% of the best of 32 ... 4096 rows at N = 512, 2048 and 4096; 256
+    rows (the earlier fixed size) was 15-27% slower.
+    """
+    if device.type == "cuda":
+        return max(GPU_MIN_CHUNK_ROWS, GPU_CHUNK_BYTES // (CHUNK_BYTES_PER_SIMILARITY * columns))
+    low, high = CPU_CHUNK_ROWS
+    return min(high, max(low, CPU_CHUNK_SIMILARITIES // columns))
 
 
 def _pl_log_space(z: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -272,11 +293,15 @@ class ClipLoss(nn.Module):
     evaluation that only one process runs (gathering there would wait for the others forever).
     """
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, gather: bool = True) -> None:
+    def __init__(self, chunk_size: Optional[int] = None, gather: bool = True) -> None:
         super().__init__()
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size, self.gather = chunk_size, gather
+
+    def rows_per_chunk(self, views: _Views) -> int:
+        """`chunk_size` if given, else default_chunk_size for the features' device and N."""
+        return self.chunk_size or default_chunk_size(views.image.device, views.total)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, rank_weight: float = 1.0,
                 augmented_image_features: Optional[Tensor] = None,
@@ -308,10 +333,10 @@ class ClipLoss(nn.Module):
         """(differentiable total, contrastive value, summed cross-modal PL rows when `pl_weight` is set)."""
         ce_weight = 1 / (2 * len(views.image) * (1 if augmented is None else 2))
         total, ce_sum, pl_sum = _RowTerms.apply(views.image, views.texts, views.text, views.images, scale, ce_weight,
-                                                pl_weight, eps, views.offset, self.chunk_size)
+                                                pl_weight, eps, views.offset, self.rows_per_chunk(views))
         if augmented is not None:
             aug_total, aug_ce, _ = _RowTerms.apply(views.image, augmented.images, views.text, augmented.texts, scale,
-                                                   ce_weight, None, 0.0, views.offset, self.chunk_size)
+                                                   ce_weight, None, 0.0, views.offset, self.rows_per_chunk(views))
             total, ce_sum = total + aug_total, ce_sum + aug_ce
         return total, ce_sum * ce_weight, pl_sum
 
@@ -326,7 +351,7 @@ class RankCLIPLoss(ClipLoss):
     """
 
     def __init__(self, lambda1: float = 1 / 16, lambda2: float = 1 / 16, eps: float = 1e-10,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, gather: bool = True) -> None:
+                 chunk_size: Optional[int] = None, gather: bool = True) -> None:
         super().__init__(chunk_size, gather)
         if lambda1 < 0 or lambda2 < 0 or eps < 0:
             raise ValueError(f"lambda1, lambda2 and eps must be >= 0, got {lambda1}, {lambda2}, {eps}")
@@ -341,7 +366,7 @@ class RankCLIPLoss(ClipLoss):
         if self.lambda1:
             inmodal, _, in_sum = _RowTerms.apply(views.image, views.images, views.text, views.texts, scale, None,
                                                  rank_weight * self.lambda1 * per_row, self.eps, views.offset,
-                                                 self.chunk_size)
+                                                 self.rows_per_chunk(views))
             loss = loss + inmodal
         inmodal_rank, crossmodal_rank = in_sum * per_row, cross_sum * per_row
         return {"loss": loss, "contrastive_loss": contrastive,
@@ -360,7 +385,7 @@ class CyClipLoss(ClipLoss):
     is W × the single-process one.
     """
 
-    def __init__(self, cylambda1: float, cylambda2: float, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    def __init__(self, cylambda1: float, cylambda2: float, chunk_size: Optional[int] = None,
                  gather: bool = True) -> None:
         super().__init__(chunk_size, gather)
         if cylambda1 < 0 or cylambda2 < 0:
@@ -384,7 +409,7 @@ class CyClipLoss(ClipLoss):
 
 
 def build_loss(name: str, lambda1: float = 1 / 16, lambda2: float = 1 / 16, rank_eps: float = 1e-10,
-               cylambda1: float = 0.0, cylambda2: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               cylambda1: float = 0.0, cylambda2: float = 0.0, chunk_size: Optional[int] = None,
                gather: bool = True) -> nn.Module:
     """The training objective named by --loss (`gather=False`: see ClipLoss)."""
     if name == "rankclip":

@@ -150,3 +150,16 @@ def test_unreadable_validation_image_is_skipped_not_replaced(tmp_path, colour_da
     assert batch["failed"] == [str(broken)] and len(batch["image"]) == 3
     assert batch["text"].flatten().tolist() == [len(captions[i]) for i in (2, 4, 5)]
     assert collate_samples([dataset[(0, 3)]]) == {"failed": [str(broken)]}
+
+
+def test_sample_seeding_draws_what_torch_manual_seed_would_and_restores_the_rng():
+    """The per-sample seed goes straight to the CPU generator (no torch.manual_seed, which also queues a
+    CUDA seeding with a stack trace per call): same draws, and the caller's RNG state is left as it was."""
+    maker = SampleMaker(to_tensor, fake_tokenizer)
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    torch.manual_seed(1234)
+    expected = to_tensor(image)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    assert torch.equal(maker(image, "a cat", seed=1234, failed=[])["image"], expected)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -325,3 +325,41 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_with_a_checkpoint(runs, colo
     latest = read_checkpoint(logs / name / "checkpoints" / "epoch_latest.pt")
     assert latest["world_size"] == 2 and latest["position"]["steps_done"] >= 3
     assert [p.name for p in (logs / name / "checkpoints").iterdir() if p.name.startswith(".")] == []
+
+
+def evaluation(data, logs, name, nproc, checkpoint, *extra):
+    """An evaluation-only run of `checkpoint`; returns its results.json records."""
+    cmd = command(data, logs, name, nproc, "--checkpoint", str(checkpoint), *extra)
+    at = cmd.index("--train_data")
+    del cmd[at:at + 2]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((logs / name / "results.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["zero-shot", "linear-probe"])
+def test_two_processes_share_evaluation_with_the_one_process_results(runs, colour_data, kind):
+    """Each rank encodes its block of every set and the features are gathered: the records of a 2-process
+    evaluation-only run are those of 1 process, to float rounding (the counts exactly). Rank 0 encodes
+    only half of each set, so equal sample counts also show that rank 1 did the other half."""
+    logs, _ = runs
+    checkpoint = logs / "one" / "checkpoints" / "epoch_2.pt"
+    sets = ["--eval_data_type", "ImageNet1K", "--eval_test_data_dir", str(colour_data["zeroshot"])]
+    if kind == "zero-shot":
+        extra = [*sets, "--validation_data", str(colour_data["validation"]), "--retrieval_data",
+                 str(colour_data["validation"])]
+    else:
+        extra = [*sets, "--linear_probe", "--eval_train_data_dir", str(colour_data["zeroshot"]),
+                 "--linear_probe_num_epochs", "4"]
+    one, two = (evaluation(colour_data, logs, f"{kind}{n}", n, checkpoint, *extra) for n in (1, 2))
+    desc = "zero-shot ImageNet1K" if kind == "zero-shot" else "probe ImageNet1K train"
+    assert f"{desc}: 32 of 64 images encoded by this process" in (logs / f"{kind}2" / "output.log").read_text()
+    assert [r["split"] for r in one] == [r["split"] for r in two]
+    assert {r["split"] for r in one} == ({"validation", "eval", "retrieval"} if kind == "zero-shot" else {"eval"})
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+            else:
+                assert b[key] == value, key

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankclip.losses import (ClipLoss, CyClipLoss, RankCLIPLoss, _argsort_rows, build_loss, plackett_luce_nll,
-                             rank_weight)
+from rankclip.losses import (ClipLoss, CyClipLoss, RankCLIPLoss, _argsort_rows, build_loss, default_chunk_size,
+                             plackett_luce_nll, rank_weight)
 
 RANK_KEYS = ("loss", "contrastive_loss", "rank_loss", "inmodal_rank_loss", "crossmodal_rank_loss")
 
@@ -330,3 +330,20 @@ def test_loss_reads_nothing_back_to_the_host(host_reads, eps):
     losses["loss"].backward()
     CyClipLoss(0.25, 0.5, 4)(image.detach(), text.detach(), scale.detach())
     assert host_reads == []
+
+
+def test_chunk_size_by_device():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [default_chunk_size(cpu, n) for n in (128, 4096, 8192, 65536)] == [128, 128, 64, 64]
+    assert [default_chunk_size(gpu, n) for n in (4096, 32768, 10**6)] == [3276, 409, 256]
+
+
+def test_default_chunks_give_the_one_chunk_result():
+    """N = 300 on the CPU: three chunks of at most 128 rows, the same loss and gradients as one chunk."""
+    features = unit_features(300, 16, seed=12)
+    chunked, chunked_grads, chunked_scale = evaluate(RankCLIPLoss(0.5, 0.3), features, 30.0, torch.float32)
+    whole, whole_grads, whole_scale = evaluate(RankCLIPLoss(0.5, 0.3, chunk_size=300), features, 30.0, torch.float32)
+    for key in RANK_KEYS:
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-6, atol=1e-6)
+    for a, b in zip([*chunked_grads, chunked_scale], [*whole_grads, whole_scale]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

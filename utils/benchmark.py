@@ -37,9 +37,25 @@ data    Training data loading, images/s, of three pipelines over the same synthe
         counted. Reported: images/s (best epoch), the ratio to open_clip's CsvDataset, and the
         two targets: csv / open_clip >= 1.0, shards / csv >= 1.5.
 
-Usage: python utils/benchmark.py loss [--sizes 1024 4096 8192] [--chunk_size 256] [--threads 2]
+train   Whole training processes: open_clip_train (open_clip_train.main with its CLIP loss) against this
+        trainer with --loss clip and --loss rankclip, on the same generated CSV (utils/make_demo.py
+        pictures, absolute paths), model, batch, data workers, precision, lr schedule and log
+        interval, one epoch each. Every trainer runs in its own process, the three in turn for
+        --pairs rounds (the order reversed every other round). Each output line is stamped when it
+        arrives, and steps/s is measured from the first logged step past --skip (start-up, first
+        batches) to the last logged step. Reported per round: steps/s of each trainer and the
+        ratios clip / open_clip (target >= 1.0) and rankclip / clip (target >= 0.95), then their
+        median, min and max. Then, unless --eval_processes is empty, an evaluation-only run of the
+        last --loss clip checkpoint (validation loss + representation analysis, zero-shot and
+        retrieval on 256 generated images each) with 1 and 2 processes (torchrun; with --threads,
+        OMP_NUM_THREADS is split between them), timed from the model being built to the last result.
+        Needs `pip install -e '.[bench]'` (open_clip_train's own imports).
+
+Usage: python utils/benchmark.py loss [--sizes 1024 4096 8192] [--chunk_size auto 64 128 256] [--threads 2]
        python utils/benchmark.py data [--images 512] [--workers 2] [--batch_size 64] [--model ViT-B-32-quickgelu]
                                       [--repeats 2]
+       python utils/benchmark.py train [--pairs 3] [--images 4096] [--batch_size 128] [--workers 1]
+                                       [--model tiny-vit] [--precision fp32] [--device cpu] [--eval_processes 1 2]
 """
 
 from __future__ import annotations
@@ -70,7 +86,7 @@ sys.path.insert(0, str(ROOT))
 
 from rankclip.data import SampleMaker  # noqa: E402
 from rankclip.loaders import build_train_data  # noqa: E402
-from rankclip.losses import DEFAULT_CHUNK_SIZE, RankCLIPLoss  # noqa: E402
+from rankclip.losses import RankCLIPLoss, default_chunk_size  # noqa: E402
 
 LAMBDA = 1 / 16
 EPS = 1e-10
@@ -113,7 +129,7 @@ def run_worker(args: argparse.Namespace) -> None:
     image.requires_grad_()
     text.requires_grad_()
     scale = torch.tensor(args.scale, requires_grad=True)
-    ours = RankCLIPLoss(LAMBDA, LAMBDA, EPS, args.chunk_size)
+    ours = RankCLIPLoss(LAMBDA, LAMBDA, EPS, chunk_rows(args.chunk_size[0]))
     objective = dense_rankclip if args.worker == "dense" else (lambda *inputs: ours(*inputs)["loss"])
     baseline = peak_rss_mb()
     times = []
@@ -130,18 +146,21 @@ def run_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"time": min(times), "peak_mb": peak, "loss": value}))
 
 
-def run_pair(args: argparse.Namespace, size: int, folder: Path) -> dict:
-    results = {}
-    for worker in ("dense", "ours"):
-        command = [sys.executable, __file__, "loss", "--worker", worker, "--sizes", str(size), "--out", str(folder),
-                   "--chunk_size", str(args.chunk_size), "--threads", str(args.threads),
-                   "--repeats", str(args.repeats), "--dim", str(args.dim), "--scale", str(args.scale)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{worker} at N={size} failed:\n{done.stderr}")
-        results[worker] = json.loads(done.stdout.strip().splitlines()[-1])
-        results[worker]["grads"] = torch.load(folder / f"{worker}.pt")["grads"]
-    return results
+def chunk_rows(setting: str) -> Optional[int]:
+    """--chunk_size value: rows per chunk, or None for "auto" (default_chunk_size)."""
+    return None if setting == "auto" else int(setting)
+
+
+def run_implementation(args: argparse.Namespace, worker: str, size: int, chunk: str, folder: Path) -> dict:
+    command = [sys.executable, __file__, "loss", "--worker", worker, "--sizes", str(size), "--out", str(folder),
+               "--chunk_size", chunk, "--threads", str(args.threads),
+               "--repeats", str(args.repeats), "--dim", str(args.dim), "--scale", str(args.scale)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{worker} at N={size} failed:\n{done.stderr}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["grads"] = torch.load(folder / f"{worker}.pt")["grads"]
+    return result
 
 
 def grad_difference(dense: list[torch.Tensor], ours: list[torch.Tensor]) -> float:
@@ -152,19 +171,22 @@ def grad_difference(dense: list[torch.Tensor], ours: list[torch.Tensor]) -> floa
 def benchmark_loss(args: argparse.Namespace) -> None:
     if args.worker:
         return run_worker(args)
-    print(f"RankCLIPLoss vs dense reference: d={args.dim}, s={args.scale}, chunk_size={args.chunk_size}, "
-          f"threads={args.threads}, best of {args.repeats}, forward + backward\n")
-    print("| N | dense time (s) | ours time (s) | ratio | dense peak (MB) | ours peak (MB) | ratio "
+    automatic = ", ".join(f"{default_chunk_size(torch.device('cpu'), n)} at N={n}" for n in args.sizes)
+    print(f"RankCLIPLoss vs dense reference: d={args.dim}, s={args.scale}, threads={args.threads}, best of "
+          f"{args.repeats}, forward + backward; chunk = rows per chunk (auto: default_chunk_size, {automatic})\n")
+    print("| N | chunk | dense time (s) | ours time (s) | ratio | dense peak (MB) | ours peak (MB) | ratio "
           "| loss rel diff | grad diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
-            r = run_pair(args, size, Path(folder))
-            dense, ours = r["dense"], r["ours"]
-            loss_diff = abs(ours["loss"] - dense["loss"]) / abs(dense["loss"])
-            print(f"| {size} | {dense['time']:.2f} | {ours['time']:.2f} | {ours['time'] / dense['time']:.2f} "
-                  f"| {dense['peak_mb']:.0f} | {ours['peak_mb']:.0f} | {ours['peak_mb'] / dense['peak_mb']:.3f} "
-                  f"| {loss_diff:.1e} | {grad_difference(dense['grads'], ours['grads']):.1e} |", flush=True)
+            dense = run_implementation(args, "dense", size, "auto", Path(folder))
+            for chunk in args.chunk_size:
+                ours = run_implementation(args, "ours", size, chunk, Path(folder))
+                loss_diff = abs(ours["loss"] - dense["loss"]) / abs(dense["loss"])
+                print(f"| {size} | {chunk} | {dense['time']:.2f} | {ours['time']:.2f} "
+                      f"| {ours['time'] / dense['time']:.2f} | {dense['peak_mb']:.0f} | {ours['peak_mb']:.0f} "
+                      f"| {ours['peak_mb'] / dense['peak_mb']:.3f} | {loss_diff:.1e} "
+                      f"| {grad_difference(dense['grads'], ours['grads']):.1e} |", flush=True)
 
 
 PIPELINES = {
@@ -452,7 +474,8 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     loss = commands.add_parser("loss", help="RankCLIPLoss vs the dense reference: time, memory, agreement")
     loss.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192], help="batch sizes N")
-    loss.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="RankCLIPLoss rows per chunk")
+    loss.add_argument("--chunk_size", nargs="+", default=["auto"],
+                      help="RankCLIPLoss rows per chunk, several for a sweep; auto = the loss's own choice")
     loss.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     loss.add_argument("--repeats", type=int, default=3, help="timed runs per implementation; the best counts")
     loss.add_argument("--dim", type=int, default=512, help="feature dimension d")
