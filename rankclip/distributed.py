@@ -92,8 +92,10 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 # Processes and devices: one process, `--distributed` (one spawned process per GPU), torchrun
 # (env://, any number of nodes) or Slurm's srun (SLURM_* variables + MASTER_ADDR/MASTER_PORT).
 
-# The longest a collective waits for a peer. Ranks that wait for rank-0-only work (evaluation,
-# saving) wait in Runtime.barrier, which has no limit, so this only ends a run whose peer vanished.
+# The longest a collective waits for a peer. Ranks that wait for rank-0-only work (saving) wait in
+# Runtime.barrier, which has no limit, so this only ends a run whose peer vanished. Evaluation is
+# shared (every rank encodes its share and fits the same linear probe on the gathered features), so
+# no rank waits long for another there.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 PEER_POLL_SECONDS = 1.0
 PEER_SILENCE_SECONDS = 30.0  # a rank whose watcher has not ticked for this long is taken for dead
@@ -230,7 +232,7 @@ class Runtime:
 
     def barrier(self) -> None:
         """Wait for every rank. Not a collective: ranks may wait here as long as rank-0-only work
-        (a linear probe on a large set, a checkpoint) takes, without PROCESS_GROUP_TIMEOUT ending them."""
+        (a checkpoint) takes, without PROCESS_GROUP_TIMEOUT ending them."""
         if self.peers is not None:
             self.peers.barrier()
 
