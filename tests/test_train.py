@@ -94,7 +94,7 @@ class ListData:
                          "text": torch.randint(0, 16, (8, 5), generator=generator), "failed": []}
                         for _ in range(steps * micro_batches)]
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         pass
 
     def __iter__(self):
