@@ -24,7 +24,7 @@ import torch
 from .config import Config, ConfigError, best_metric_key, higher_is_better
 from .distributed import Runtime
 from .logger import log
-from .optim import state_by_name
+from .optim import load_optimizer_state, state_by_name
 from .rankstate import restore_rng, saved_rank_states, seed_rank
 
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
@@ -450,7 +450,7 @@ def restore_optimizer(obj: dict, model: torch.nn.Module, optimizer: torch.optim.
     mapped, reason = state_by_name(obj["optimizer"], saved_order, model)
     if mapped is not None:
         try:
-            optimizer.load_state_dict(mapped)
+            load_optimizer_state(optimizer, mapped)
             return
         except (ValueError, KeyError, TypeError) as e:
             reason = str(e)

@@ -1,5 +1,6 @@
 """Optimizer groups, and optimizer states of checkpoints written by the original RankCLIP / CyCLIP code."""
 
+import copy
 import re
 from collections import OrderedDict
 
@@ -8,7 +9,8 @@ import torch
 
 import rankclip.models  # noqa: F401  (registers configs/ with open_clip)
 from rankclip.main import main
-from rankclip.optim import build_optimizer, state_by_name
+from rankclip.checkpoint import restore_optimizer
+from rankclip.optim import build_optimizer, grouped_names, state_by_name
 
 # OpenAI's CLIP code, which CyCLIP and the original RankCLIP keep, registers a block's modules so.
 ORIGINAL_BLOCK_ORDER = ("attn", "ln_1", "mlp", "ln_2")
@@ -112,3 +114,28 @@ def test_unmappable_state_starts_a_fresh_optimizer_with_one_warning(colour_data,
     assert main(argv) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if "optimizer state" in line]
     assert len(warnings) == 1 and "fresh" in warnings[0], warnings
+
+
+def test_the_optimizer_is_fused_and_stays_fused_after_loading_an_unfused_state():
+    """The fused AdamW kernel (5x the for-loop's speed on the CPU) is this trainer's choice; torch's
+    load_state_dict would take `fused` from the saved groups, and the original code saved unfused ones."""
+    model = tiny_vit()
+    checkpoint, _ = original_checkpoint(model)
+    reference = tiny_vit()
+    reference.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.1)
+    restore_optimizer(checkpoint, model, optimizer)
+    assert [group["fused"] for group in optimizer.param_groups] == [True, True]
+    # The fused step equals torch's for-loop AdamW on the same state, to float rounding.
+    named = dict(reference.named_parameters())
+    plain = torch.optim.AdamW([{"params": [named[n] for n in names], "weight_decay": decay} for names, decay in
+                               zip(grouped_names(list(named)), (0.0, 0.1))], lr=1e-3, foreach=False)
+    saved = copy.deepcopy(optimizer.state_dict())  # its own moments, not the same tensors
+    plain.load_state_dict(saved | {"param_groups": [dict(g, fused=None) for g in saved["param_groups"]]})
+    for net in (model, reference):
+        for param in net.parameters():
+            param.grad = torch.full_like(param, 0.01)
+    optimizer.step()
+    plain.step()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7, msg=name)
