@@ -124,10 +124,18 @@ def test_bad_batch_size_fails_on_every_rank_without_hanging(colour_data, tmp_pat
     assert result.stderr.count("--batch_size 33 is not divisible by the 2 processes") == 2
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT as a terminal's foreground job has it. A shell starts background
+    jobs (`cmd &`, also a CI script run so) with SIGINT ignored, Python keeps an inherited SIG_IGN, and
+    a run started that way rightly ignores Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_wait_for_training(cmd):
     """Start a run in its own session; return it once its log shows a training step."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + TIMEOUT
     for line in proc.stdout:
         if "epoch 1 [" in line or time.time() > deadline:
@@ -145,7 +153,7 @@ def test_ctrl_c_ends_every_rank_with_one_line(colour_data, tmp_path, nproc):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, output[-3000:]
     assert output.count("interrupted; continue the run with --resume latest") == nproc, output[-3000:]
     if nproc == 1:
         assert proc.returncode == 130 and "Traceback" not in output
