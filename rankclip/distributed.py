@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,9 +68,12 @@ def rank_block(count: int, rank: int, world: int) -> range:
     return range(count * rank // world, count * (rank + 1) // world)
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's `x` concatenated along dim 0 in rank order, on every rank; row counts may differ
-    (a rank with no rows passes an empty tensor of the right dtype). `x` itself if not distributed."""
+def gather_rows(parts: Sequence[torch.Tensor], device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This rank's `parts` concatenated along dim 0, then every rank's concatenated in rank order, on
+    every rank; row counts may differ, and a rank may have no parts (`device` and `dtype` then
+    make its empty share). Only this rank's rows if not distributed."""
+    x = torch.cat(list(parts)) if parts else torch.empty(0, dtype=dtype, device=device)
     world = rank_and_world()[1]
     if world == 1:
         return x

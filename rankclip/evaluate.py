@@ -84,7 +84,7 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[st
     mine = texts[block.start:block.stop]
     features = [model.encode_text(tokenizer(mine[i:i + TEXT_BATCH]).to(device), normalize=True).float()
                 for i in range(0, len(mine), TEXT_BATCH)]
-    return gather_rows(torch.cat(features) if features else torch.empty(0, device=device))
+    return gather_rows(features, device)
 
 
 def progress(loader: torch.utils.data.DataLoader, desc: str) -> Iterator:
@@ -154,10 +154,9 @@ class Evaluator:
                 image_features, text_features, _ = model(batch["image"].to(self.device), batch["text"].to(self.device))
             image_parts.append(image_features.float())
             text_parts.append(text_features.float())
-        images, texts = (gather_rows(torch.cat(parts) if parts else torch.empty(0, device=self.device))
-                         for parts in (image_parts, text_parts))
+        images, texts = (gather_rows(parts, self.device) for parts in (image_parts, text_parts))
         logit_scale = model.logit_scale.exp().float()  # what the forward returns, also on a rank without rows
-        skipped = int(gather_rows(torch.tensor([len(failed)], device=self.device)).sum())
+        skipped = int(gather_rows([torch.tensor([len(failed)], device=self.device)], self.device).sum())
         if failed:
             log.warning(f"validation: skipped {len(failed)} unreadable images, e.g. {failed[0]}")
         count = len(images)
@@ -185,8 +184,8 @@ class Evaluator:
             labels.append(batch_labels.to(self.device))
         if unreadable:
             log.warning(f"{desc}: skipped {unreadable} unreadable images")
-        features = gather_rows(torch.cat(features) if features else torch.empty(0, device=self.device))
-        labels = gather_rows(torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=self.device))
+        features = gather_rows(features, self.device)
+        labels = gather_rows(labels, self.device, torch.long)
         if not len(features):
             raise ConfigError(f"{desc}: none of the images can be read; check the folder")
         return features, labels

@@ -259,7 +259,7 @@ class Trainer:
             seen += n
             interval_samples += n
             for key, value in losses.items():
-                totals[key] = totals[key] + value.double() * n if key in totals else value.double() * n
+                totals[key] = totals.get(key, 0.0) + value.double() * n
             if (i + 1) % every == 0 or i + 1 == num_steps:
                 now = time.perf_counter()
                 values = dict(zip(losses, torch.stack([v.float() for v in losses.values()]).tolist()))
