@@ -16,16 +16,17 @@ import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import safetensors.torch
 import torch
 
-from .config import Config, ConfigError, best_metric_key, higher_is_better
+from .config import CheckpointsConfig, ConfigError, best_metric_key, higher_is_better
 from .distributed import Runtime
 from .logger import log
 from .optim import load_optimizer_state, state_by_name
-from .rankstate import restore_rng, saved_rank_states, seed_rank
+from .rankstate import capture_rng, cpu_group, gather_rank_states, restore_rng, saved_rank_states, seed_rank
+from .savepoints import SavePoints, save_interval_minutes
 
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -159,18 +160,18 @@ RESUME_KEYS = ("model_name", "train_data", "dataset_type", "train_num_samples", 
 DATA_POSITION_KEYS = ("train_data", "dataset_type", "train_num_samples", "batch_size", "accum_freq", "seed")
 
 
-def check_resumed_config(obj: dict, cfg: Config, path: str | Path, world_size: int) -> None:
-    """Refuse to continue a checkpoint under other settings that place the schedule or the data,
-    naming each change, unless --resume_allow_changes (then they are logged). A mid-epoch
-    position is kept only where it stays exact. Checkpoints of the seed / CyCLIP store no
-    configuration: nothing to compare."""
+def check_resumed_config(obj: dict, path: str | Path, settings: dict, world_size: int) -> None:
+    """Refuse to continue a checkpoint under other `settings` (this run's, flat as stored) that place
+    the schedule or the data, naming each change, unless --resume_allow_changes (then they are
+    logged). A mid-epoch position is kept only where it stays exact. Checkpoints of the original
+    code / CyCLIP store no configuration: nothing to compare."""
     saved = obj.get("config")
     if not isinstance(saved, dict):
         return
-    now = cfg.to_dict()
+    now = settings
     changed = [key for key in RESUME_KEYS if saved.get(key) != now[key]]
     changes = ", ".join(f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in changed)
-    if changed and not cfg.resume_allow_changes:
+    if changed and not now["resume_allow_changes"]:
         raise ConfigError(f"--resume {path}: the checkpoint was written with other settings: {changes}; "
                           f"resume with the run's settings, or pass --resume_allow_changes")
     position = obj.get("position")
@@ -182,8 +183,8 @@ def check_resumed_config(obj: dict, cfg: Config, path: str | Path, world_size: i
         if moved:
             raise ConfigError(f"--resume {path}: the checkpoint stops inside epoch {position['epoch']} and "
                               f"{', '.join(moved)} changed, which moves the data under its position; {fallback}")
-        streams = (obj.get("world_size"), saved.get("num_workers")) != (world_size, cfg.num_workers)
-        if cfg.dataset_type == "webdataset" and streams:
+        streams = (obj.get("world_size"), saved.get("num_workers")) != (world_size, now["num_workers"])
+        if now["dataset_type"] == "webdataset" and streams:
             raise ConfigError(f"--resume {path}: inside an epoch of webdataset shards the position is per "
                               f"(process, data worker): resume with {obj.get('world_size')} processes and "
                               f"--num_workers {saved.get('num_workers')}, or {fallback}")
@@ -191,42 +192,52 @@ def check_resumed_config(obj: dict, cfg: Config, path: str | Path, world_size: i
         log.warning(f"--resume_allow_changes: continuing {path} with {changes}")
 
 
-def find_resume(cfg: Config) -> Optional[Path]:
-    """The checkpoint a training run continues from, if any (--resume latest/auto/PATH, or the seed's
-    --checkpoint with --train_data)."""
-    latest = Checkpointer(cfg.run_dir).latest
-    if cfg.resume == "auto":
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def latest_path(run_dir: Path) -> Path:
+    """The run's epoch_latest.pt: the newest state, at an epoch's end or mid-epoch."""
+    return checkpoints_dir(run_dir) / "epoch_latest.pt"
+
+
+def find_resume(checkpoints: CheckpointsConfig, run_dir: Path, training: bool) -> Optional[Path]:
+    """The checkpoint a training run continues from, if any (--resume latest/auto/PATH, or the original
+    code's --checkpoint when `training`)."""
+    latest = latest_path(run_dir)
+    resume = checkpoints.resume
+    if resume == "auto":
         return latest if latest.is_file() else None
-    if cfg.resume == "latest":
+    if resume == "latest":
         if not latest.is_file():
             raise ConfigError(f"--resume latest: {latest} does not exist; start the run without --resume "
                               f"(or with --resume auto)")
         return latest
-    if cfg.resume is not None:
-        if not Path(cfg.resume).is_file():
-            raise ConfigError(f"--resume {cfg.resume}: no such file; pass 'latest', 'auto' or a checkpoint path")
-        return Path(cfg.resume)
-    if cfg.checkpoint is not None and cfg.train_data is not None:
-        return Path(cfg.checkpoint)
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise ConfigError(f"--resume {resume}: no such file; pass 'latest', 'auto' or a checkpoint path")
+        return Path(resume)
+    if checkpoints.checkpoint is not None and training:
+        return Path(checkpoints.checkpoint)
     return None
 
 
-def check_run_folder(cfg: Config, resuming: bool) -> None:
+def check_run_folder(run_dir: Path, *, training: bool, resume: Optional[str], resuming: bool) -> None:
     """Never overwrite another run's checkpoints, or mix an evaluation into another run's logs."""
-    existing = Checkpointer(cfg.run_dir).dir
-    if not resuming and cfg.train_data is not None and existing.is_dir() and any(existing.glob("*.pt")):
-        hint = "pass --resume latest to continue it" if cfg.resume is None else (
+    existing = checkpoints_dir(run_dir)
+    if not resuming and training and existing.is_dir() and any(existing.glob("*.pt")):
+        hint = "pass --resume latest to continue it" if resume is None else (
             f"it has no epoch_latest.pt: pass --resume {existing}/epoch_<N>.pt")
-        raise ConfigError(f"{cfg.run_dir} already holds checkpoints; {hint} or choose another --name")
-    if cfg.train_data is None and (cfg.run_dir / "results.jsonl").exists():
-        raise ConfigError(f"{cfg.run_dir} already holds a run's results; choose another --name for this evaluation")
+        raise ConfigError(f"{run_dir} already holds checkpoints; {hint} or choose another --name")
+    if not training and (run_dir / "results.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run's results; choose another --name for this evaluation")
 
 
-def read_resume_checkpoint(path: Path, cfg: Config) -> dict:
+def read_resume_checkpoint(path: Path, run_dir: Path) -> dict:
     """Read the checkpoint to continue; when this run's own epoch_latest.pt is truncated or foreign
     (another program's), one line points at the epoch checkpoint to fall back on. A checkpoint of
     another run is refused by check_resumed_config, naming the differences."""
-    own_latest = path == Checkpointer(cfg.run_dir).latest
+    own_latest = path == latest_path(run_dir)
     try:
         obj = read_checkpoint(path)
     except ConfigError as e:
@@ -304,26 +315,54 @@ class BackgroundWriter:
             self._thread = None
 
 
+@dataclass
+class TrainState:
+    """What the training loop updates and a checkpoint holds: the model (and the module the loop calls,
+    DDP-wrapped and/or compiled), the optimizer, the fp16 loss scaler and the optimizer steps taken."""
+
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    step: int = 0
+
+
 class Checkpointer:
-    """Owns <run>/checkpoints: epoch_<N>.pt every epoch, epoch_latest.pt (also mid-epoch), and
-    epoch.best.pt by --best_metric; the newest `keep` epoch files are kept (all when None)."""
+    """Owns <run>/checkpoints: when to save (SavePoints: every N steps or M minutes, a stop signal) and
+    what: epoch_<N>.pt every epoch, epoch_latest.pt (also mid-epoch), and epoch.best.pt by
+    --best_metric; the newest --keep_checkpoints epoch files are kept (all when not given).
 
-    def __init__(self, run_dir: Path, enabled: bool = True, best_metric: str = Config.best_metric,
-                 keep: Optional[int] = None) -> None:
-        self.dir = run_dir / "checkpoints"
-        self.enabled = enabled
-        self.best = BestMetric(best_metric)
-        self.keep = keep
+    Built on every rank at the same point (it makes the CPU group the ranks agree and gather over);
+    rank 0 writes, in the background. `record` is stored in every checkpoint: the run's name, model
+    name and flat configuration."""
+
+    def __init__(self, checkpoints: CheckpointsConfig, run_dir: Path, runtime: Runtime, record: dict) -> None:
+        self.dir, self.latest = checkpoints_dir(run_dir), latest_path(run_dir)
+        self.runtime, self.record = runtime, record
+        self.enabled = runtime.is_main
+        self.best = BestMetric(checkpoints.best_metric)
+        self.keep = checkpoints.keep_checkpoints
         self.writer = BackgroundWriter()
+        self.cpu_group = cpu_group()
+        self.points = SavePoints(checkpoints.save_every_steps,
+                                 save_interval_minutes(checkpoints.save_every_minutes, runtime.device),
+                                 runtime.world_size, runtime.is_main, self.cpu_group)
 
-    @property
-    def latest(self) -> Path:
-        return self.dir / "epoch_latest.pt"
-
-    def save(self, state: dict, recorded: Optional[dict[str, float]] = None) -> None:
-        """Write a training state (rank 0; a no-op elsewhere) in the background. With `recorded`
+    def save(self, state: TrainState, epochs_done: int, position: Optional[dict], recorded: Optional[dict] = None,
+             sums: Optional[dict] = None, failed: Iterable[str] = ()) -> None:
+        """Every rank hands over its own state (its generators, its share of a partial epoch's loss sums
+        and unreadable images); rank 0 writes the checkpoint in the background. With `recorded`
         (Evaluator.run) it is an epoch's end: epoch_<N>.pt, latest and perhaps best; without it a
-        mid-epoch state: epoch_latest.pt only. Blocks only for the copy to host memory."""
+        mid-epoch state at `position`: epoch_latest.pt only. Blocks only for the copy to host memory."""
+        own = {"rng": capture_rng(self.runtime.device), "sums": dict(sums or {}), "failed": sorted(failed)}
+        rank_states = gather_rank_states(own, self.cpu_group)
+        if self.enabled:
+            self.write(training_state(state, epoch=epochs_done, position=position, record=self.record,
+                                      rank_states=rank_states), recorded)
+        self.points.saved()
+
+    def write(self, state: dict, recorded: Optional[dict[str, float]] = None) -> None:
+        """Write a checkpoint dict (`training_state`) in the background (rank 0; a no-op elsewhere)."""
         if not self.enabled:
             return
         improved = recorded is not None and self.best.improved_by(recorded)
@@ -356,21 +395,21 @@ class Checkpointer:
                      f"--best_metric {self.best.name}: epoch.best.pt is chosen afresh from now on")
 
 
-def training_state(*, epoch: int, step: int, position: Optional[dict], cfg: Config, model: torch.nn.Module,
-                   optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+def training_state(state: TrainState, *, epoch: int, position: Optional[dict], record: dict,
                    rank_states: list[dict]) -> dict:
-    """A checkpoint: `epoch` epochs completed, `step` optimizer steps taken; a mid-epoch one has
-    `position` {"epoch": the epoch it stops in, "steps_done": its steps trained, "seen": its samples}."""
+    """A checkpoint: `epoch` epochs completed, `state.step` optimizer steps taken; a mid-epoch one has
+    `position` {"epoch": the epoch it stops in, "steps_done": its steps trained, "seen": its samples}.
+    `record`: the run's "name", "model_name" and flat "config"."""
     return {
         "epoch": epoch,
-        "step": step,
+        "step": state.step,
         "position": position,
-        "name": cfg.name,
-        "model_name": cfg.model_name,
-        "config": cfg.to_dict(),
-        "state_dict": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "name": record["name"],
+        "model_name": record["model_name"],
+        "config": record["config"],
+        "state_dict": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "world_size": len(rank_states),
         "ranks": rank_states,
     }
@@ -396,24 +435,24 @@ class ResumePoint:
     failed: tuple = ()
 
 
-def restore_training(obj: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: Optional[torch.amp.GradScaler], checkpointer: Checkpointer, steps_per_epoch: int,
+def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, steps_per_epoch: int,
                      runtime: Runtime, seed: int) -> ResumePoint:
-    """Optimizer, scaler, this rank's RNG and epoch progress, and the best value from a checkpoint
-    whose weights are already loaded.
+    """Optimizer, scaler, step count, this rank's RNG and epoch progress, and the best value from a
+    checkpoint whose weights are already loaded into `state.model`.
 
-    Checkpoints of the seed/CyCLIP carry no step or RNG state: the step is then derived from the
-    epoch, and each rank is seeded from (seed, rank, step).
+    Checkpoints of the original code/CyCLIP carry no step or RNG state: the step is then derived from
+    the epoch, and each rank is seeded from (seed, rank, step).
     """
     if "epoch" not in obj:
         raise ConfigError("the checkpoint has no 'epoch': it holds weights only; use --pretrained PATH to start from it")
     if "optimizer" in obj:
-        restore_optimizer(obj, model, optimizer)
-    if scaler is not None and obj.get("scaler"):
-        scaler.load_state_dict(obj["scaler"])
+        restore_optimizer(obj, state.model, state.optimizer)
+    if state.scaler is not None and obj.get("scaler"):
+        state.scaler.load_state_dict(obj["scaler"])
     checkpointer.restore(obj)
     epoch = int(obj["epoch"])
     step = int(obj.get("step", epoch * steps_per_epoch))
+    state.step = step
     own = restore_rank_state(obj, runtime, seed, step)
     position = obj.get("position")
     if not position:

@@ -22,12 +22,11 @@ import signal
 import subprocess
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import MULTI_VALUED, Config, ConfigError, build_parser, demo_preset, parse_config
+from .config import MULTI_VALUED, SETTINGS, Config, ConfigError, build_parser, demo_preset, parse_config, setting_type
 from .plot import PlotError, read_jsonl
 from .report import EXECUTION_SETTINGS, MIXED_SETTINGS, read_params, write_report
 
@@ -56,7 +55,7 @@ class Cell:
 
     @property
     def run_dir(self) -> Path:
-        return self.config.run_dir
+        return self.config.run.run_dir
 
 
 def parse_axis(spec: str) -> Axis:
@@ -64,10 +63,9 @@ def parse_axis(spec: str) -> Axis:
     key, sep, values = spec.partition("=")
     if not sep or not key or not values:
         raise ConfigError(f"--grid {spec!r}: write KEY=VALUE1,VALUE2 (e.g. --grid loss=clip,rankclip seed=0,1)")
-    types = typing.get_type_hints(Config)
     if key in NOT_AXES:
         raise ConfigError(f"--grid {key}: compare sets --{key} for each cell itself; it cannot be an axis")
-    if key not in types:
+    if key not in SETTINGS:
         raise ConfigError(f"--grid {key}: not a setting of a run; use a flag of python -m rankclip.main without "
                           f"'--' (e.g. loss, seed, lambda1)")
     if key in MULTI_VALUED:
@@ -78,7 +76,7 @@ def parse_axis(spec: str) -> Axis:
     parser = build_parser(exit_on_error=False)
     parsed = []
     for value in items:
-        if types[key] is bool:
+        if setting_type(key) is bool:
             if value not in ("true", "false"):
                 raise ConfigError(f"--grid {key}={value}: --{key} is on or off; write {key}=true,false")
             parsed.append(value == "true")
@@ -122,10 +120,11 @@ def expand_grid(axes: Sequence[Axis], base_argv: Sequence[str], study_dir: Path)
             config = parse_config(argv)
         except ConfigError as e:
             raise ConfigError(f"cell {name}: {e}") from None
+        settings = config.to_dict()
         for key, value, parsed in combination:
-            if getattr(config, key) != parsed:
+            if settings[key] != parsed:
                 raise ConfigError(f"--grid {key}={value}: the base configuration overrides it "
-                                  f"(--{key} is {getattr(config, key)}); remove --{key} from the base flags")
+                                  f"(--{key} is {settings[key]}); remove --{key} from the base flags")
         cells.append(Cell(name, tuple(argv), config))
     names = [c.name for c in cells]
     clashes = sorted({n for n in names if names.count(n) > 1})
@@ -142,7 +141,7 @@ def cell_state(cell: Cell) -> str:
     The final checkpoint is written after the final epoch's results, so a run stopped between
     the two counts as interrupted and repeats its last epoch; the report keeps the later records.
     """
-    run_dir, epochs = cell.run_dir, cell.config.epochs
+    run_dir, epochs = cell.run_dir, cell.config.training.epochs
     results = run_dir / "results.jsonl"
     if results.is_file() and (run_dir / "checkpoints" / f"epoch_{epochs}.pt").is_file():
         if any(record.get("epoch") == epochs and record.get("split") == "train" for record in _records(results)):

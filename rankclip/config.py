@@ -1,8 +1,15 @@
 """Typed run configuration, built once from command-line flags and an optional --config file.
 
-Precedence, lowest first: dataclass defaults < the demo preset (only when no data flag is
-given) < the `--config` JSON file < flags given on the command line. The result is frozen;
-runtime facts (rank, device) live in `distributed.Runtime`, never here.
+`Config` is a frozen root of sections (run, model, data, evaluation, launch, training, optim,
+objective, checkpoints). Each component takes its own section whole; a value owned by another
+section is passed to it by name where the components are wired (main.py). Every field is one
+flag of the original RankCLIP/CyCLIP command line, declared with its help text next to it, and
+the configuration is stored flat (one key per flag: `to_dict` / `from_dict`) in --config files,
+checkpoints, params.txt, wandb and compare's grid.
+
+Precedence, lowest first: field defaults < the demo preset (only when no data flag is given)
+< the `--config` JSON file < flags given on the command line. Runtime facts (rank, device)
+live in `Runtime`, never here.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ import json
 import os
 import re
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_PRESET = REPO_ROOT / "configs" / "demo.json"
@@ -41,87 +50,371 @@ class ConfigError(ValueError):
     """A problem with the user's flags or files, reported as one line at start-up."""
 
 
+def setting(default: Any, text: str, *aliases: str, **argparse_kwargs: Any) -> Any:
+    """A field that is also a flag: `--<name>` (plus `aliases`), its help `text` ("{default}" is filled
+    in) and argparse's options for it (type, nargs, choices, action, const)."""
+    return field(default=default, metadata={"help": text, "aliases": aliases, "argparse": argparse_kwargs})
+
+
+def _check_choices(section: object) -> None:
+    """Values outside a flag's choices (argparse checks flags; --config values only meet this)."""
+    for f in dataclasses.fields(section):
+        allowed = f.metadata.get("argparse", {}).get("choices")
+        value = getattr(section, f.name)
+        if allowed is None or value is None:
+            continue
+        if isinstance(value, tuple):
+            unknown = sorted(set(value) - set(allowed))
+            if unknown:
+                raise ConfigError(f"--{f.name} {unknown}: unknown; choose among {', '.join(allowed)}")
+        elif value not in allowed:
+            raise ConfigError(f"--{f.name} {value!r}: choose one of {', '.join(map(str, allowed))}")
+
+
+def _check_signs(section: object, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    for key in positive:
+        if not getattr(section, key) > 0:
+            raise ConfigError(f"--{key} must be positive, got {getattr(section, key)}")
+    for key in non_negative:
+        if (getattr(section, key) or 0) < 0:
+            raise ConfigError(f"--{key} must not be negative, got {getattr(section, key)}")
+
+
 @dataclass(frozen=True)
-class Config:
-    # run
-    name: Optional[str] = None
-    logs: str = "logs/"
-    seed: int = 0
-    wandb: bool = False
-    notes: Optional[str] = None
-    # model
-    model_name: str = "RN50"
-    pretrained: Optional[str] = None
-    # data
-    train_data: Optional[str] = None
-    dataset_type: str = "auto"
-    train_num_samples: Optional[int] = None
-    validation_data: Optional[str] = None
-    delimiter: str = ","
-    image_key: str = "image"
-    caption_key: str = "caption"
-    num_workers: int = 4
-    log_every_n_steps: Optional[int] = None
-    inmodal: bool = False
-    # evaluation
-    eval_data_type: Optional[tuple[str, ...]] = None
-    eval_test_data_dir: Optional[tuple[str, ...]] = None
-    eval_train_data_dir: Optional[tuple[str, ...]] = None
-    retrieval_data: Optional[tuple[str, ...]] = None
-    linear_probe: bool = False
-    linear_probe_batch_size: int = 16
-    linear_probe_num_epochs: int = 32
-    # devices and processes
-    device: Optional[str] = None
-    device_id: int = 0
-    device_ids: Optional[tuple[int, ...]] = None
-    distributed: bool = False
-    distributed_backend: Optional[str] = None
-    distributed_init_method: str = "tcp://127.0.0.1:5434"
-    precision: str = "amp"
-    sync_bn: bool = False
-    grad_checkpointing: bool = False
-    compile: bool = False
-    # optimisation
-    epochs: int = 64
-    batch_size: int = 128
-    accum_freq: int = 1
-    lr: float = 5e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    num_warmup_steps: int = 10000
-    # objective
-    loss: str = "rankclip"
-    lambda1: float = 1 / 16
-    lambda2: float = 1 / 16
-    rank_eps: float = 1e-10
-    rank_schedule: str = "reference"
-    cylambda1: float = 0.0
-    cylambda2: float = 0.0
-    # checkpoints
-    checkpoint: Optional[str] = None
-    resume: Optional[str] = None
-    resume_allow_changes: bool = False
-    save_every_minutes: Optional[float] = None  # None: 30 on GPUs, off on CPUs (see train.save_interval)
-    save_every_steps: int = 0
-    keep_checkpoints: Optional[int] = None
-    best_metric: str = "contrastive_loss"
-    config: Optional[str] = None
+class RunConfig:
+    """Which run this is: its folder, its seed and where it is tracked."""
+
+    config: Optional[str] = setting(None, "JSON file of flag values; flags on the command line win", type=str)
+    name: Optional[str] = setting(None, "run name; the run folder is <logs>/<name> (default: time stamp)", type=str)
+    logs: str = setting("logs/", "folder that holds run folders (default {default}); under torchrun spell it "
+                        "--logs_dir", "--logs_dir", type=str)
+    seed: int = setting(0, "seed for weights, data order and augmentation (default {default})", type=int)
+    wandb: bool = setting(False, "log to Weights & Biases (WANDB_MODE=offline works)", action="store_true")
+    notes: Optional[str] = setting(None, "notes stored with the wandb run", type=str)
     demo: bool = field(default=False, metadata={"help": "set when the bundled demo preset was applied"})
 
     @property
     def run_dir(self) -> Path:
         return Path(self.logs) / str(self.name)
 
+    def check(self) -> None:
+        if self.name is not None and (os.sep in self.name or self.name in ("", ".", "..")):
+            raise ConfigError(f"--name {self.name!r} must be a plain folder name")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture (open_clip) and the weights it starts from."""
+
+    model_name: str = setting("RN50", "RN50, RN101, RN50x4, ViT-B/32, any open_clip name, or configs/*.json "
+                              "(default {default})", type=str)
+    pretrained: Optional[str] = setting(None, "start from OpenAI's weights (no value) or a local weights file",
+                                        nargs="?", const="openai")
+    grad_checkpointing: bool = setting(False, "recompute activations in backward to save memory",
+                                       action="store_true")
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """How an image-caption CSV is read: its image-path and caption columns and its delimiter."""
+
+    image_key: str = "image"
+    caption_key: str = "caption"
+    delimiter: str = ","
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training and validation image-caption data and how it is read."""
+
+    train_data: Optional[str] = setting(None, "training CSV/TSV of image paths and captions", type=str)
+    dataset_type: str = setting("auto", "csv (image-caption CSV/TSV) or webdataset (tar shards); auto: webdataset "
+                                "when --train_data names .tar files", type=str, choices=DATASET_TYPES)
+    train_num_samples: Optional[int] = setting(None, "samples per epoch with webdataset shards (required there)",
+                                               type=int)
+    validation_data: Optional[str] = setting(None, "validation CSV/TSV (validation loss each epoch)", type=str)
+    delimiter: str = setting(",", "CSV delimiter (default ','; TSV: $'\\t')", type=str)
+    image_key: str = setting("image", "column of image paths (default {default})", type=str)
+    caption_key: str = setting("caption", "column of captions (default {default})", type=str)
+    num_workers: int = setting(4, "data loader workers per process (default {default})", type=int)
+    inmodal: bool = setting(False, "add augmented views and the in-modal contrastive term", action="store_true")
+
+    @property
+    def shards(self) -> bool:
+        return self.dataset_type == "webdataset"
+
+    @property
+    def csv_layout(self) -> CsvLayout:
+        """The layout of every image-caption CSV of the run (training, validation, retrieval)."""
+        return CsvLayout(self.image_key, self.caption_key, self.delimiter)
+
+    def check(self) -> None:
+        _check_choices(self)
+        if self.shards and self.train_num_samples is None:
+            raise ConfigError("--train_num_samples is required with webdataset shards: the samples per epoch "
+                              "(e.g. the total of img2dataset's successes)")
+        if self.dataset_type == "csv" and self.train_num_samples is not None:
+            raise ConfigError("--train_num_samples sets the epoch length of webdataset shards; a CSV epoch is all "
+                              "its rows: leave --train_num_samples out (or pass --dataset_type webdataset)")
+        if self.train_num_samples is not None and self.train_num_samples <= 0:
+            raise ConfigError(f"--train_num_samples must be positive, got {self.train_num_samples}")
+        for key in ("validation_data",) if self.shards else ("train_data", "validation_data"):
+            _check_file(key, getattr(self, key))
+        _check_signs(self, non_negative=("num_workers",))
+        if len(self.delimiter) != 1:
+            raise ConfigError(f"--delimiter must be one character, got {self.delimiter!r} (TSV: --delimiter $'\\t')")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What is evaluated after every epoch: zero-shot or linear-probe sets, and retrieval."""
+
+    eval_data_type: Optional[tuple[str, ...]] = setting(
+        None, "evaluation sets, one per --eval_test_data_dir (e.g. ImageNet1K CIFAR10)", type=str, nargs="+",
+        choices=EVAL_DATA_TYPES)
+    eval_test_data_dir: Optional[tuple[str, ...]] = setting(
+        None, "test split of each eval set: a labels.csv + classes.py folder, an ImageNet-style image folder, "
+              "or a torchvision dataset root", type=str, nargs="+")
+    eval_train_data_dir: Optional[tuple[str, ...]] = setting(
+        None, "training split of each eval set (linear probe)", type=str, nargs="+")
+    linear_probe: bool = setting(False, "evaluate the eval sets by linear probe instead of zero-shot",
+                                 action="store_true")
+    retrieval_data: Optional[tuple[str, ...]] = setting(
+        None, "image-caption CSVs for image<->text retrieval (several captions per image allowed)", type=str,
+        nargs="+")
+    linear_probe_batch_size: int = setting(16, "(default {default})", type=int)
+    linear_probe_num_epochs: int = setting(32, "(default {default})", type=int)
+
+    def sets(self) -> Iterator[tuple[str, str, Optional[str]]]:
+        """(set name, test folder, training folder or None) of each --eval_data_type."""
+        trains = self.eval_train_data_dir or (None,) * len(self.eval_data_type or ())
+        return zip(self.eval_data_type or (), self.eval_test_data_dir or (), trains)
+
+    @property
+    def retrieval_names(self) -> list[str]:
+        """The names retrieval results are recorded under: each CSV's file stem."""
+        return [Path(p).stem for p in self.retrieval_data or ()]
+
+    def check(self) -> None:
+        _check_choices(self)
+        for path in self.retrieval_data or ():
+            if not os.path.isfile(path):
+                raise ConfigError(f"--retrieval_data {path}: no such file; pass a CSV of image paths and captions")
+        for key in ("eval_test_data_dir", "eval_train_data_dir"):
+            for path in getattr(self, key) or ():
+                if not os.path.isdir(path):
+                    raise ConfigError(f"--{key} {path}: no such folder; it must hold labels.csv and classes.py, "
+                                      f"an ImageNet-style image folder or a torchvision dataset root")
+        sets, tests = self.eval_data_type or (), self.eval_test_data_dir or ()
+        trains = self.eval_train_data_dir or ()
+        if tests and not sets:
+            raise ConfigError("--eval_test_data_dir needs --eval_data_type (e.g. --eval_data_type ImageNet1K)")
+        if sets and len(sets) != len(tests):
+            raise ConfigError(f"--eval_data_type names {len(sets)} sets but --eval_test_data_dir gives {len(tests)} "
+                              f"folders; give one folder per set, in the same order")
+        if self.linear_probe and len(trains) != len(sets):
+            raise ConfigError(f"--linear_probe needs one --eval_train_data_dir per --eval_data_type ({len(sets)}), "
+                              f"got {len(trains)}")
+        _check_signs(self, positive=("linear_probe_batch_size", "linear_probe_num_epochs"))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Devices and processes: one process, --distributed (one per GPU), torchrun or srun."""
+
+    device: Optional[str] = setting(None, "default: gpu when CUDA is available, else cpu", type=str,
+                                    choices=("cpu", "gpu"))
+    device_id: int = setting(0, "GPU index for one-process runs (default {default})", type=int)
+    device_ids: Optional[tuple[int, ...]] = setting(None, "GPU indices for --distributed", type=int, nargs="+")
+    distributed: bool = setting(False, "one process per GPU", action="store_true")
+    distributed_backend: Optional[str] = setting(None, "nccl on GPUs, gloo on CPUs by default", type=str)
+    distributed_init_method: str = setting("tcp://127.0.0.1:5434", "(default {default})", type=str)
+    sync_bn: bool = setting(False, "synchronize BatchNorm statistics over processes (ResNets)", action="store_true")
+    compile: bool = setting(False, "torch.compile the model", action="store_true")
+
+    def check(self) -> None:
+        _check_choices(self)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The loop: how long, how large a batch, in which precision, how often it logs."""
+
+    epochs: int = setting(64, "(default {default})", type=int)
+    batch_size: int = setting(128, "global batch size, split over processes (default {default})", type=int)
+    accum_freq: int = setting(1, "micro-batches of --batch_size per optimizer step, combined exactly by gradient "
+                              "caching (default 1)", type=int)
+    precision: str = setting("amp", "amp (fp16), amp_bf16 or fp32; CPU always uses fp32", type=str,
+                             choices=PRECISIONS)
+    log_every_n_steps: Optional[int] = setting(None, "log the training loss every N steps (default: about every "
+                                               "10%% of an epoch)", type=int)
+
+    def check(self) -> None:
+        _check_choices(self)
+        if self.log_every_n_steps is not None and self.log_every_n_steps < 1:
+            raise ConfigError(f"--log_every_n_steps must be positive, got {self.log_every_n_steps}")
+        _check_signs(self, positive=("epochs", "batch_size", "accum_freq"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warmup, then cosine to 0)."""
+
+    lr: float = setting(5e-4, "peak learning rate (default {default})", type=float)
+    beta1: float = setting(0.9, "AdamW beta1 (default {default})", type=float)
+    beta2: float = setting(0.999, "AdamW beta2 (default {default})", type=float)
+    eps: float = setting(1e-8, "AdamW eps (default {default})", type=float)
+    weight_decay: float = setting(0.1, "(default {default}); never applied to norms, biases, logit scale",
+                                  type=float)
+    num_warmup_steps: int = setting(10000, "linear warmup steps (default {default})", type=int)
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self.beta1, self.beta2
+
+    def check(self) -> None:
+        _check_signs(self, positive=("lr",), non_negative=("num_warmup_steps", "weight_decay"))
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The loss: CLIP, CyCLIP or RankCLIP, its term weights and the rank weight's schedule."""
+
+    loss: str = setting("rankclip", "training objective (default {default})", type=str, choices=LOSSES)
+    lambda1: float = setting(1 / 16, "weight of the in-modal rank loss (default 1/16)", type=float)
+    lambda2: float = setting(1 / 16, "weight of the cross-modal rank loss (default 1/16)", type=float)
+    rank_eps: float = setting(1e-10, "eps inside the Plackett-Luce log (default {default}; 0 = exact)", type=float)
+    rank_schedule: str = setting("reference", "rank-loss weight over epochs (default reference)", type=str,
+                                 choices=RANK_SCHEDULES)
+    cylambda1: float = setting(0.0, "CyCLIP in-modal cyclic weight (default 0)", type=float)
+    cylambda2: float = setting(0.0, "CyCLIP cross-modal cyclic weight (default 0)", type=float)
+
+    def check(self) -> None:
+        _check_choices(self)
+        _check_signs(self, non_negative=("lambda1", "lambda2", "rank_eps", "cylambda1", "cylambda2"))
+
+
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    """Where a run starts from, when it saves, what it keeps and what epoch.best.pt is chosen by."""
+
+    checkpoint: Optional[str] = setting(None, "checkpoint to start from; with no --train_data, evaluate it",
+                                        type=str)
+    resume: Optional[str] = setting(None, "'latest' (this run's epoch_latest.pt), 'auto' (latest if there is one, "
+                                    "else start: one command for the first launch and every requeue) or a "
+                                    "checkpoint path", type=str)
+    save_every_minutes: Optional[float] = setting(None, "also write epoch_latest.pt mid-epoch every M minutes "
+                                                  "(default 30 on GPUs, off on CPUs; 0 = off)", type=float)
+    save_every_steps: int = setting(0, "also write epoch_latest.pt every N optimizer steps (default off)", type=int)
+    keep_checkpoints: Optional[int] = setting(None, "keep only the K newest epoch_<N>.pt (latest and best are "
+                                              "always kept)", type=int)
+    resume_allow_changes: bool = setting(False, "resume although the batch size, epochs, warmup, data or seed "
+                                         "differ from the checkpoint's (logged)", action="store_true")
+    best_metric: str = setting("contrastive_loss", "what epoch.best.pt is chosen by: a validation quantity "
+                               "(default contrastive_loss) or eval/<set>/<key>, retrieval/<file>/<key> "
+                               "(e.g. eval/ImageNet1K/zeroshot_top1)", type=str)
+
+    def check(self) -> None:
+        _check_file("checkpoint", self.checkpoint)
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        _check_signs(self, non_negative=("save_every_minutes", "save_every_steps"))
+        higher_is_better(self.best_metric)
+
+
+def _check_file(key: str, path: Optional[str]) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"--{key} {path}: no such file; check the path")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run's settings, one typed section per component (see the module docstring)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+
+    def sections(self) -> Iterator[Any]:
+        return (getattr(self, f.name) for f in dataclasses.fields(self))
+
     def to_dict(self) -> dict:
-        """Plain types only, so the dict can be stored in a checkpoint loaded with weights_only."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The flat form (one key per flag), plain types only: it is stored in checkpoints loaded with
+        weights_only, in params.txt and in wandb."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for section in self.sections() for key, value in dataclasses.asdict(section).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """The inverse of `to_dict` (missing keys take their defaults); an unknown key is a ConfigError."""
+        unknown = sorted(set(values) - set(SETTINGS))
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown}; use the flag names without '--'")
+        given = _coerce(dict(values))
+        return cls(**{name: section(**{k: v for k, v in given.items() if SETTINGS[k][0] == name})
+                      for name, section in SECTIONS.items()})
+
+    def check(self) -> None:
+        """Start-up checks of the values and of the files they name (data is opened where it is read)."""
+        run, data, checkpoints = self.run, self.data, self.checkpoints
+        if run.demo:
+            for path in (data.train_data, data.validation_data, *(self.evaluation.eval_test_data_dir or ())):
+                if not os.path.exists(path):
+                    raise ConfigError(
+                        f"the demo data is missing ({path}); build it with `python utils/make_demo.py`")
+        if checkpoints.resume is not None and data.train_data is None:
+            raise ConfigError("--resume continues training: pass the run's --train_data too")
+        for section in self.sections():
+            getattr(section, "check", lambda: None)()
+        if data.train_data is None and checkpoints.checkpoint is None and checkpoints.resume is None \
+                and self.model.pretrained is None:
+            raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint (or --pretrained) with "
+                              "--eval_* or --retrieval_data to evaluate")
+        self._check_best_metric()
+
+    def _check_best_metric(self) -> None:
+        """The --best_metric must be a quantity this run's evaluation records (the default needs validation data)."""
+        name = self.checkpoints.best_metric
+        split, *rest = best_metric_key(name).split("/")
+        sets = {"validation": [], "eval": list(self.evaluation.eval_data_type or ()),
+                "retrieval": self.evaluation.retrieval_names}
+        if split not in sets or len(rest) != (1 if split == "validation" else 2):
+            raise ConfigError(f"--best_metric {name}: write KEY (validation), eval/<set>/KEY or "
+                              f"retrieval/<file>/KEY")
+        if split == "validation" and self.data.validation_data is None and name != CheckpointsConfig.best_metric:
+            raise ConfigError(f"--best_metric {name} is a validation quantity: pass --validation_data")
+        if split != "validation" and rest[0] not in sets[split]:
+            raise ConfigError(f"--best_metric {name}: this run evaluates no {split} set {rest[0]!r} "
+                              f"(it has {', '.join(sets[split]) or 'none'})")
+
+
+# Section name -> its class, in the root's order.
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+# Every setting's flat key -> (its section's name, its dataclass field); keys are unique across sections.
+SETTINGS: dict[str, tuple[str, dataclasses.Field]] = {
+    f.name: (name, f) for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+assert len(SETTINGS) == sum(len(dataclasses.fields(cls)) for cls in SECTIONS.values()), "a setting is declared twice"
+MULTI_VALUED = tuple(k for k, (_, f) in SETTINGS.items() if f.metadata.get("argparse", {}).get("nargs") == "+")
+
+
+def setting_type(key: str) -> Any:
+    """The Python type of setting `key` (e.g. bool, Optional[int])."""
+    return typing.get_type_hints(SECTIONS[SETTINGS[key][0]])[key]
+
+
+def default_value(key: str) -> Any:
+    return SETTINGS[key][1].default
 
 
 def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
-    """Seed-compatible flags. Defaults are SUPPRESSed so we can tell which flags were given.
+    """The original code's flags, one argument group per section. Defaults are SUPPRESSed so that
+    parse_config can tell which flags were given.
 
     `exit_on_error=False` makes a bad value raise argparse.ArgumentError instead of exiting
     (rankclip.compare checks grid values with it).
@@ -131,78 +424,14 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
         description="RankCLIP pretraining and evaluation. With no data flags, trains tiny-vit on the bundled demo.",
         argument_default=argparse.SUPPRESS, exit_on_error=exit_on_error,
     )
-    d = Config()
-    add = p.add_argument
-    add("--config", type=str, help="JSON file of flag values; flags on the command line win")
-    add("--name", type=str, help="run name; the run folder is <logs>/<name> (default: time stamp)")
-    add("--logs", "--logs_dir", dest="logs", type=str,
-        help=f"folder that holds run folders (default {d.logs}); under torchrun spell it --logs_dir")
-    add("--seed", type=int, help=f"seed for weights, data order and augmentation (default {d.seed})")
-    add("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
-    add("--notes", type=str, help="notes stored with the wandb run")
-    add("--model_name", type=str, help=f"RN50, RN101, RN50x4, ViT-B/32, any open_clip name, or configs/*.json (default {d.model_name})")
-    add("--pretrained", nargs="?", const="openai", help="start from OpenAI's weights (no value) or a local weights file")
-    add("--train_data", type=str, help="training CSV/TSV of image paths and captions")
-    add("--dataset_type", type=str, choices=DATASET_TYPES,
-        help="csv (image-caption CSV/TSV) or webdataset (tar shards); auto: webdataset when --train_data names .tar files")
-    add("--train_num_samples", type=int, help="samples per epoch with webdataset shards (required there)")
-    add("--validation_data", type=str, help="validation CSV/TSV (validation loss each epoch)")
-    add("--delimiter", type=str, help="CSV delimiter (default ','; TSV: $'\\t')")
-    add("--image_key", type=str, help=f"column of image paths (default {d.image_key})")
-    add("--caption_key", type=str, help=f"column of captions (default {d.caption_key})")
-    add("--num_workers", type=int, help=f"data loader workers per process (default {d.num_workers})")
-    add("--log_every_n_steps", type=int,
-        help="log the training loss every N steps (default: about every 10%% of an epoch)")
-    add("--inmodal", action="store_true", help="add augmented views and the in-modal contrastive term")
-    add("--eval_data_type", type=str, nargs="+", choices=EVAL_DATA_TYPES,
-        help="evaluation sets, one per --eval_test_data_dir (e.g. ImageNet1K CIFAR10)")
-    add("--eval_test_data_dir", type=str, nargs="+",
-        help="test split of each eval set: a labels.csv + classes.py folder, an ImageNet-style image folder, "
-             "or a torchvision dataset root")
-    add("--eval_train_data_dir", type=str, nargs="+", help="training split of each eval set (linear probe)")
-    add("--linear_probe", action="store_true", help="evaluate the eval sets by linear probe instead of zero-shot")
-    add("--retrieval_data", type=str, nargs="+",
-        help="image-caption CSVs for image<->text retrieval (several captions per image allowed)")
-    add("--linear_probe_batch_size", type=int, help=f"(default {d.linear_probe_batch_size})")
-    add("--linear_probe_num_epochs", type=int, help=f"(default {d.linear_probe_num_epochs})")
-    add("--device", type=str, choices=("cpu", "gpu"), help="default: gpu when CUDA is available, else cpu")
-    add("--device_id", type=int, help=f"GPU index for one-process runs (default {d.device_id})")
-    add("--device_ids", type=int, nargs="+", help="GPU indices for --distributed")
-    add("--distributed", action="store_true", help="one process per GPU")
-    add("--distributed_backend", type=str, help="nccl on GPUs, gloo on CPUs by default")
-    add("--distributed_init_method", type=str, help=f"(default {d.distributed_init_method})")
-    add("--precision", type=str, choices=PRECISIONS, help="amp (fp16), amp_bf16 or fp32; CPU always uses fp32")
-    add("--sync_bn", action="store_true", help="synchronize BatchNorm statistics over processes (ResNets)")
-    add("--grad_checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    add("--compile", action="store_true", help="torch.compile the model")
-    add("--epochs", type=int, help=f"(default {d.epochs})")
-    add("--batch_size", type=int, help=f"global batch size, split over processes (default {d.batch_size})")
-    add("--accum_freq", type=int, help="micro-batches of --batch_size per optimizer step, combined exactly "
-        "by gradient caching (default 1)")
-    add("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    add("--beta1", type=float, help=f"AdamW beta1 (default {d.beta1})")
-    add("--beta2", type=float, help=f"AdamW beta2 (default {d.beta2})")
-    add("--eps", type=float, help=f"AdamW eps (default {d.eps})")
-    add("--weight_decay", type=float, help=f"(default {d.weight_decay}); never applied to norms, biases, logit scale")
-    add("--num_warmup_steps", type=int, help=f"linear warmup steps (default {d.num_warmup_steps})")
-    add("--loss", type=str, choices=LOSSES, help=f"training objective (default {d.loss})")
-    add("--lambda1", type=float, help="weight of the in-modal rank loss (default 1/16)")
-    add("--lambda2", type=float, help="weight of the cross-modal rank loss (default 1/16)")
-    add("--rank_eps", type=float, help=f"eps inside the Plackett-Luce log (default {d.rank_eps}; 0 = exact)")
-    add("--rank_schedule", type=str, choices=RANK_SCHEDULES, help="rank-loss weight over epochs (default reference)")
-    add("--cylambda1", type=float, help="CyCLIP in-modal cyclic weight (default 0)")
-    add("--cylambda2", type=float, help="CyCLIP cross-modal cyclic weight (default 0)")
-    add("--checkpoint", type=str, help="checkpoint to start from; with no --train_data, evaluate it")
-    add("--resume", type=str, help="'latest' (this run's epoch_latest.pt), 'auto' (latest if there is one, "
-        "else start: one command for the first launch and every requeue) or a checkpoint path")
-    add("--save_every_minutes", type=float, help="also write epoch_latest.pt mid-epoch every M minutes "
-        "(default 30 on GPUs, off on CPUs; 0 = off)")
-    add("--save_every_steps", type=int, help="also write epoch_latest.pt every N optimizer steps (default off)")
-    add("--keep_checkpoints", type=int, help="keep only the K newest epoch_<N>.pt (latest and best are always kept)")
-    add("--resume_allow_changes", action="store_true",
-        help="resume although the batch size, epochs, warmup, data or seed differ from the checkpoint's (logged)")
-    add("--best_metric", type=str, help="what epoch.best.pt is chosen by: a validation quantity "
-        "(default contrastive_loss) or eval/<set>/<key>, retrieval/<file>/<key> (e.g. eval/ImageNet1K/zeroshot_top1)")
+    for name, section in SECTIONS.items():
+        group = p.add_argument_group(name, section.__doc__)
+        for f in dataclasses.fields(section):
+            if "argparse" not in f.metadata:
+                continue
+            help_text = f.metadata["help"].replace("{default}", str(f.default))
+            group.add_argument(f"--{f.name}", *f.metadata["aliases"], dest=f.name, help=help_text,
+                               **f.metadata["argparse"])
     return p
 
 
@@ -216,8 +445,7 @@ def _read_config_file(path: str) -> dict:
         raise ConfigError(f"--config {path}: not valid JSON ({e}); write it as {{\"epochs\": 10, ...}}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of flag values")
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {unknown}; use the flag names without '--'")
     return values
@@ -232,11 +460,8 @@ def demo_preset() -> dict:
     return preset
 
 
-MULTI_VALUED = ("device_ids", "eval_data_type", "eval_test_data_dir", "eval_train_data_dir", "retrieval_data")
-
-
 def _coerce(values: dict) -> dict:
-    """Bring flag and JSON values to the dataclass's types: lists (or one JSON string) to tuples."""
+    """Bring flag and JSON values to the fields' types: lists (or one JSON string) to tuples."""
     for key in MULTI_VALUED:
         value = values.get(key)
         if value is not None:
@@ -258,10 +483,10 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     if values.get("dataset_type", "auto") == "auto" and values.get("train_data"):
         values["dataset_type"] = "webdataset" if str(values["train_data"]).endswith(".tar") else "csv"
     if not values.get("name"):
-        model = str(values.get("model_name", Config.model_name)).replace("/", "-")
+        model = str(values.get("model_name", default_value("model_name"))).replace("/", "-")
         values["name"] = f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{model}"
-    cfg = Config(**_coerce(values))
-    _check(cfg)
+    cfg = Config.from_dict(values)
+    cfg.check()
     return cfg
 
 
@@ -279,90 +504,3 @@ def higher_is_better(name: str) -> bool:
         return False
     raise ConfigError(f"--best_metric {name}: unknown quantity; use a loss part (contrastive_loss, loss, ...), "
                       f"zeroshot_topK, linear_probe_topK, a retrieval R@K or a representation metric")
-
-
-def _check_best_metric(cfg: Config) -> None:
-    """The --best_metric must be a quantity this run's evaluation records (the default needs validation data)."""
-    higher_is_better(cfg.best_metric)
-    split, *rest = best_metric_key(cfg.best_metric).split("/")
-    sets = {"validation": [], "eval": list(cfg.eval_data_type or ()),
-            "retrieval": [Path(p).stem for p in cfg.retrieval_data or ()]}
-    if split not in sets or len(rest) != (1 if split == "validation" else 2):
-        raise ConfigError(f"--best_metric {cfg.best_metric}: write KEY (validation), eval/<set>/KEY or "
-                          f"retrieval/<file>/KEY")
-    if split == "validation" and cfg.validation_data is None and cfg.best_metric != Config.best_metric:
-        raise ConfigError(f"--best_metric {cfg.best_metric} is a validation quantity: pass --validation_data")
-    if split != "validation" and rest[0] not in sets[split]:
-        raise ConfigError(f"--best_metric {cfg.best_metric}: this run evaluates no {split} set {rest[0]!r} "
-                          f"(it has {', '.join(sets[split]) or 'none'})")
-
-
-def _check(cfg: Config) -> None:
-    """Cheap value checks; file and data checks happen where those are opened."""
-    choices = {"precision": PRECISIONS, "loss": LOSSES, "rank_schedule": RANK_SCHEDULES,
-               "dataset_type": DATASET_TYPES, "device": (None, "cpu", "gpu")}
-    for key, allowed in choices.items():  # flags are checked by argparse; --config values only here
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"--{key} {getattr(cfg, key)!r}: choose one of {', '.join(map(str, allowed))}")
-    unknown = sorted(set(cfg.eval_data_type or ()) - set(EVAL_DATA_TYPES))
-    if unknown:
-        raise ConfigError(f"--eval_data_type {unknown}: unknown; choose among {', '.join(EVAL_DATA_TYPES)}")
-    if cfg.resume is not None and cfg.train_data is None:
-        raise ConfigError("--resume continues training: pass the run's --train_data too")
-    if cfg.demo:
-        for path in (cfg.train_data, cfg.validation_data, *(cfg.eval_test_data_dir or ())):
-            if not os.path.exists(path):
-                raise ConfigError(
-                    f"the demo data is missing ({path}); build it with `python utils/make_demo.py`")
-    if cfg.dataset_type == "webdataset" and cfg.train_num_samples is None:
-        raise ConfigError("--train_num_samples is required with webdataset shards: the samples per epoch "
-                          "(e.g. the total of img2dataset's successes)")
-    if cfg.dataset_type == "csv" and cfg.train_num_samples is not None:
-        raise ConfigError("--train_num_samples sets the epoch length of webdataset shards; a CSV epoch is all "
-                          "its rows: leave --train_num_samples out (or pass --dataset_type webdataset)")
-    if cfg.train_num_samples is not None and cfg.train_num_samples <= 0:
-        raise ConfigError(f"--train_num_samples must be positive, got {cfg.train_num_samples}")
-    shards = cfg.dataset_type == "webdataset"
-    for key in ("validation_data", "checkpoint") if shards else ("train_data", "validation_data", "checkpoint"):
-        path = getattr(cfg, key)
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"--{key} {path}: no such file; check the path")
-    for path in cfg.retrieval_data or ():
-        if not os.path.isfile(path):
-            raise ConfigError(f"--retrieval_data {path}: no such file; pass a CSV of image paths and captions")
-    for key in ("eval_test_data_dir", "eval_train_data_dir"):
-        for path in getattr(cfg, key) or ():
-            if not os.path.isdir(path):
-                raise ConfigError(f"--{key} {path}: no such folder; it must hold labels.csv and classes.py, "
-                                  f"an ImageNet-style image folder or a torchvision dataset root")
-    sets, tests, trains = cfg.eval_data_type or (), cfg.eval_test_data_dir or (), cfg.eval_train_data_dir or ()
-    if tests and not sets:
-        raise ConfigError("--eval_test_data_dir needs --eval_data_type (e.g. --eval_data_type ImageNet1K)")
-    if sets and len(sets) != len(tests):
-        raise ConfigError(f"--eval_data_type names {len(sets)} sets but --eval_test_data_dir gives {len(tests)} "
-                          f"folders; give one folder per set, in the same order")
-    if cfg.linear_probe and len(trains) != len(sets):
-        raise ConfigError(f"--linear_probe needs one --eval_train_data_dir per --eval_data_type ({len(sets)}), "
-                          f"got {len(trains)}")
-    if cfg.train_data is None and cfg.checkpoint is None and cfg.resume is None and cfg.pretrained is None:
-        raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint (or --pretrained) with "
-                          "--eval_* or --retrieval_data to evaluate")
-    if cfg.log_every_n_steps is not None and cfg.log_every_n_steps < 1:
-        raise ConfigError(f"--log_every_n_steps must be positive, got {cfg.log_every_n_steps}")
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "accum_freq": cfg.accum_freq,
-                "linear_probe_batch_size": cfg.linear_probe_batch_size,
-                "linear_probe_num_epochs": cfg.linear_probe_num_epochs}
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"--{key} must be positive, got {value}")
-    if cfg.keep_checkpoints is not None and cfg.keep_checkpoints < 1:
-        raise ConfigError(f"--keep_checkpoints must be at least 1, got {cfg.keep_checkpoints}")
-    for key in ("num_warmup_steps", "num_workers", "weight_decay", "lambda1", "lambda2", "rank_eps",
-                "cylambda1", "cylambda2", "save_every_minutes", "save_every_steps"):
-        if (getattr(cfg, key) or 0) < 0:
-            raise ConfigError(f"--{key} must not be negative, got {getattr(cfg, key)}")
-    _check_best_metric(cfg)
-    if len(cfg.delimiter) != 1:
-        raise ConfigError(f"--delimiter must be one character, got {cfg.delimiter!r} (TSV: --delimiter $'\\t')")
-    if cfg.name is not None and (os.sep in cfg.name or cfg.name in ("", ".", "..")):
-        raise ConfigError(f"--name {cfg.name!r} must be a plain folder name")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
@@ -19,8 +20,8 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
 
 from .augment import AugmentedImage, augment_caption
-from .config import ConfigError
-from .distributed import rank_block
+from .config import ConfigError, CsvLayout, DataConfig
+from .distributed import Runtime, rank_block
 
 MAX_SUBSTITUTIONS = 10  # consecutive unreadable images tolerated before a sample gives up
 FAILURE_LIMIT = 0.01  # fraction of an epoch's samples allowed to be unreadable
@@ -78,8 +79,9 @@ class SampleMaker:
         return sample
 
 
-def read_caption_csv(path: str, image_key: str, caption_key: str, delimiter: str) -> tuple[list[str], list[str]]:
+def read_caption_csv(path: str, layout: CsvLayout) -> tuple[list[str], list[str]]:
     """Image paths (made absolute against the CSV's folder) and captions, checked at start-up."""
+    image_key, caption_key, delimiter = layout.image_key, layout.caption_key, layout.delimiter
     flag = f"--delimiter {delimiter!r}"
     try:
         frame = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, quoting=0)
@@ -220,23 +222,53 @@ class GlobalBatchSampler(Sampler):
                 yield [(self.epoch, i) for i in mine[j * micro:(j + 1) * micro]]
 
 
-def build_caption_loader(path: str, *, image_key: str, caption_key: str, delimiter: str, make_sample: SampleMaker,
-                         seed: int, global_batch: int, rank: int, world: int, num_workers: int, pin_memory: bool,
-                         train: bool, micro_batches: int = 1, min_size: Optional[int] = None) -> DataLoader:
+@dataclass(frozen=True)
+class Batches:
+    """How a loader cuts its data: batches of `global_batch` samples over all processes, `micro_batches`
+    of them per optimizer step, every draw seeded by `seed`."""
+
+    global_batch: int
+    seed: int
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True)
+class SampleSource:
+    """What turns a row into a sample: `make_sample` (transforms, tokenizer) and the side images are
+    decoded at (`min_size`, for JPEG draft decoding; None decodes every pixel)."""
+
+    make_sample: SampleMaker
+    min_size: Optional[int] = None
+
+
+def build_caption_loader(path: str, layout: CsvLayout, source: SampleSource, batches: Batches, runtime: Runtime, *,
+                         num_workers: int, train: bool) -> DataLoader:
     """Training (shuffled, full global batches) or validation loader for a CSV.
 
     Validation: this process's contiguous block of the rows (`rank_block`), in order, in batches of
     `global_batch`, unreadable rows skipped; gathering the blocks in rank order gives every row once.
     """
-    images, captions = read_caption_csv(path, image_key, caption_key, delimiter)
-    dataset = CaptionDataset(images, captions, make_sample, seed, min_size, substitute=train)
+    images, captions = read_caption_csv(path, layout)
+    dataset = CaptionDataset(images, captions, source.make_sample, batches.seed, source.min_size, substitute=train)
+    rank, world = runtime.rank, runtime.world_size
     if train:
-        sampler = GlobalBatchSampler(len(dataset), global_batch, seed, rank, world, micro_batches=micro_batches)
+        sampler = GlobalBatchSampler(len(dataset), batches.global_batch, batches.seed, rank, world,
+                                     micro_batches=batches.micro_batches)
     else:
-        sampler = BatchSampler([(0, i) for i in rank_block(len(dataset), rank, world)], global_batch, drop_last=False)
+        sampler = BatchSampler([(0, i) for i in rank_block(len(dataset), rank, world)], batches.global_batch,
+                               drop_last=False)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
-                      pin_memory=pin_memory, persistent_workers=train and num_workers > 0,
-                      generator=loader_generator(seed))
+                      pin_memory=runtime.device.type == "cuda", persistent_workers=train and num_workers > 0,
+                      generator=loader_generator(batches.seed))
+
+
+def build_validation_loader(data: DataConfig, runtime: Runtime, source: SampleSource, seed: int,
+                            batch_size: int) -> Optional[DataLoader]:
+    """The --validation_data loader (None without it), this process's block of its rows."""
+    if data.validation_data is None:
+        return None
+    return build_caption_loader(data.validation_data, data.csv_layout, source, Batches(batch_size, seed), runtime,
+                                num_workers=data.num_workers, train=False)
 
 
 def loader_generator(seed: int) -> torch.Generator:

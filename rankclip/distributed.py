@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .config import Config, ConfigError
+from .config import ConfigError, LaunchConfig
 from .savepoints import EXIT_PREEMPTED, Preempted
 
 
@@ -288,7 +288,7 @@ def _launcher_env() -> Optional[tuple[int, int, int]]:
     return None
 
 
-def _check_outside_srun(cfg: Config) -> None:
+def _check_outside_srun(distributed: bool) -> None:
     """A plain launch inside a Slurm job of several tasks is its batch script (or an salloc shell),
     not one of the tasks: say what that runs, or refuse when it cannot cover the job's nodes."""
     env = os.environ
@@ -296,10 +296,10 @@ def _check_outside_srun(cfg: Config) -> None:
     if "SLURM_JOB_ID" not in env or "SLURM_STEP_NUM_TASKS" in env or tasks == 1:
         return
     where = f"this process is the job's batch script, not an srun task (SLURM_NTASKS={tasks})"
-    if cfg.distributed and nodes > 1:
+    if distributed and nodes > 1:
         raise ConfigError(f"--distributed spawns processes on this node only, but the job has {nodes} nodes and "
                           f"{where}: start the tasks with srun python -m rankclip.main ... without --distributed")
-    if not cfg.distributed:
+    if not distributed:
         print(f"rankclip: warning: Slurm gave this job {tasks} tasks but {where}: running one process; start "
               f"them with srun python -m rankclip.main ... (README: Slurm)", file=sys.stderr)
 
@@ -314,12 +314,13 @@ def configure_device(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
 
 
-def _run_member(fn: Callable[[Runtime, Config], None], runtime: Runtime, cfg: Config, init_method: str) -> None:
-    """Join the process group, run, and always leave it (so no rank hangs on exit).
+def _run_member(fn: Callable[[Runtime], None], runtime: Runtime, backend: Optional[str], init_method: str) -> None:
+    """Join the process group (`backend`: nccl on GPUs, gloo on CPUs when None), run, and always
+    leave it (so no rank hangs on exit).
 
     A failure here ends the other ranks within seconds (see Peers); a success waits for them to
     finish, so that rank 0's store outlives their last look at it."""
-    backend = cfg.distributed_backend or ("nccl" if runtime.device.type == "cuda" else "gloo")
+    backend = backend or ("nccl" if runtime.device.type == "cuda" else "gloo")
     configure_device(runtime.device)
     store, _, _ = next(dist.rendezvous(init_method, runtime.rank, runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT))
     store.set_timeout(PROCESS_GROUP_TIMEOUT)
@@ -327,7 +328,7 @@ def _run_member(fn: Callable[[Runtime, Config], None], runtime: Runtime, cfg: Co
                             world_size=runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT)
     peers = Peers(store, runtime.rank, runtime.world_size)
     try:
-        fn(dataclasses.replace(runtime, peers=peers), cfg)
+        fn(dataclasses.replace(runtime, peers=peers))
     except Preempted:  # every rank stops together, after its checkpoint: not a failure
         peers.finish()
         raise
@@ -348,11 +349,11 @@ def process_label() -> str:
     return f"[rank {rank}] " if world > 1 else ""
 
 
-def _spawned(local_rank: int, fn: Callable, cfg: Config, devices: list[torch.device]) -> None:
+def _spawned(local_rank: int, fn: Callable, launch: LaunchConfig, devices: list[torch.device]) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(len(devices)))
     runtime = Runtime(rank=local_rank, local_rank=local_rank, world_size=len(devices), device=devices[local_rank])
     try:
-        _run_member(fn, runtime, cfg, cfg.distributed_init_method)
+        _run_member(fn, runtime, launch.distributed_backend, launch.distributed_init_method)
     except ConfigError as e:  # one line per rank, then a non-zero exit that ends the other ranks
         print(f"rankclip: error: {process_label()}{e}", file=sys.stderr)
         sys.exit(2)
@@ -360,10 +361,10 @@ def _spawned(local_rank: int, fn: Callable, cfg: Config, devices: list[torch.dev
         sys.exit(EXIT_PREEMPTED)
 
 
-def spawn(fn: Callable[[Runtime, Config], None], cfg: Config, devices: list[torch.device]) -> None:
-    """One process per device on this machine (the seed's --distributed)."""
+def spawn(fn: Callable[[Runtime], None], launch: LaunchConfig, devices: list[torch.device]) -> None:
+    """One process per device on this machine (the original code's --distributed)."""
     try:
-        mp.spawn(_spawned, args=(fn, cfg, devices), nprocs=len(devices), join=True)
+        mp.spawn(_spawned, args=(fn, launch, devices), nprocs=len(devices), join=True)
     except mp.ProcessExitedException as e:
         if e.exit_code == EXIT_PREEMPTED:
             raise Preempted("a stop signal") from e
@@ -371,23 +372,25 @@ def spawn(fn: Callable[[Runtime, Config], None], cfg: Config, devices: list[torc
                           f"its error is shown above") from e
 
 
-def launch(fn: Callable[[Runtime, Config], None], cfg: Config) -> None:
-    """Run `fn(runtime, cfg)` in every process of the chosen launch mode."""
+def launch(fn: Callable[[Runtime], None], launch: LaunchConfig) -> None:
+    """Run `fn(runtime)` in every process of the launch mode: the launcher's (torchrun, srun), else
+    one spawned process per GPU (--distributed), else this process alone. `fn` must pickle
+    (--distributed starts it in new processes)."""
     launched = _launcher_env()
     if launched is not None:
         rank, local_rank, world = launched
-        on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+        on_gpu = launch.device != "cpu" and torch.cuda.is_available()
         device = task_device(local_rank) if on_gpu else torch.device("cpu")
-        _run_member(fn, Runtime(rank, local_rank, world, device), cfg, "env://")
+        _run_member(fn, Runtime(rank, local_rank, world, device), launch.distributed_backend, "env://")
         return
-    _check_outside_srun(cfg)
-    if cfg.distributed:
-        if cfg.device == "cpu" or not torch.cuda.is_available():
+    _check_outside_srun(launch.distributed)
+    if launch.distributed:
+        if launch.device == "cpu" or not torch.cuda.is_available():
             raise ConfigError("--distributed spawns one process per GPU and no GPU is visible; "
                               "on CPUs use torchrun --nproc_per_node N -m rankclip.main")
-        ids = cfg.device_ids if cfg.device_ids is not None else tuple(range(torch.cuda.device_count()))
-        spawn(fn, cfg, [resolve_device("gpu", i) for i in ids])
+        ids = launch.device_ids if launch.device_ids is not None else tuple(range(torch.cuda.device_count()))
+        spawn(fn, launch, [resolve_device("gpu", i) for i in ids])
     else:
-        device = resolve_device(cfg.device, cfg.device_id)
+        device = resolve_device(launch.device, launch.device_id)
         configure_device(device)
-        fn(Runtime(device=device), cfg)
+        fn(Runtime(device=device))

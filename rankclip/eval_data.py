@@ -28,9 +28,9 @@ from timm.data import ImageNetInfo
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from .config import ConfigError
+from .config import ConfigError, CsvLayout
 from .data import load_image, read_caption_csv
-from .distributed import rank_block
+from .distributed import Runtime, rank_block
 
 IMAGENET_FAMILY = ("ImageNet1K", "ImageNetSketch", "ImageNetV2", "ImageNet-A", "ImageNet-R")
 IMAGENET_SUBSETS = ("ImageNet-A", "ImageNet-R")  # 200-class subsets, chosen by their folders
@@ -179,7 +179,7 @@ def imagenet_wnids() -> tuple[str, ...]:
 
 
 def _labels_csv_set(name: str, root: Path, transform: Callable) -> LabeledSet:
-    images, label_strings = read_caption_csv(str(root / "labels.csv"), "image", "label", ",")
+    images, label_strings = read_caption_csv(str(root / "labels.csv"), CsvLayout("image", "label", ","))
     try:
         labels = [int(v) for v in label_strings]
     except ValueError as e:
@@ -297,10 +297,9 @@ class RetrievalSet:
     caption_image: torch.Tensor  # [T] long
 
 
-def load_retrieval_set(path: str | Path, image_key: str, caption_key: str, delimiter: str,
-                       transform: Callable) -> RetrievalSet:
+def load_retrieval_set(path: str | Path, layout: CsvLayout, transform: Callable) -> RetrievalSet:
     """An image-caption CSV as a retrieval set: rows with the same image path share the image."""
-    paths, captions = read_caption_csv(str(path), image_key, caption_key, delimiter)
+    paths, captions = read_caption_csv(str(path), layout)
     index: dict[str, int] = {}
     caption_image = [index.setdefault(p, len(index)) for p in paths]
     images = LabeledImages(list(index), range(len(index)), transform)
@@ -317,8 +316,7 @@ def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, labels, len(samples) - len(good)
 
 
-def build_labeled_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, rank: int = 0,
-                         world: int = 1) -> DataLoader:
-    """Process `rank`'s contiguous block of `dataset`, in order (evaluation gathers the blocks)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=rank_block(len(dataset), rank, world),
-                      num_workers=num_workers, collate_fn=collate_labeled, pin_memory=pin_memory)
+def build_labeled_loader(dataset: Dataset, runtime: Runtime, batch_size: int, num_workers: int) -> DataLoader:
+    """This process's contiguous block of `dataset`, in order (evaluation gathers the blocks)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=rank_block(len(dataset), runtime.rank, runtime.world_size),
+                      num_workers=num_workers, collate_fn=collate_labeled, pin_memory=runtime.device.type == "cuda")

@@ -13,19 +13,23 @@ built once per evaluation. Every result becomes one results.jsonl record.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError
-from .distributed import gather_rows, rank_and_world, rank_block
+from .config import ConfigError, CsvLayout, EvaluationConfig
+from .distributed import Runtime, gather_rows, rank_and_world, rank_block
+from .eval_data import build_labeled_loader, load_eval_set, load_retrieval_set
 from .linear_probe import probe_accuracy, train_linear_probe
 from .logger import RunLogger, log
 from .metrics import representation_metrics, retrieval_recall, topk_correct
+from .precision import autocast
 
 TOP_K = (1, 3, 5, 10)
 TEXT_BATCH = 256
+EVAL_BATCH_SIZE = 256  # images per batch of every evaluation loader
 # The validation loss is a mean over batches of about this many samples, whatever --batch_size
 # and the number of processes: the contrastive and rank losses grow with the batch (a batch of
 # one has loss 0), so a loss over batches that vary in size would not compare across runs.
@@ -64,6 +68,40 @@ class RetrievalTask:
     image_loader: torch.utils.data.DataLoader
     captions: Sequence[str]
     caption_image: torch.Tensor  # [T] long
+
+
+@dataclass(frozen=True)
+class EvalTasks:
+    """The sets one evaluation covers, besides validation: zero-shot, linear probe, retrieval."""
+
+    zero_shot: Sequence[ZeroShotTask] = ()
+    probes: Sequence[LinearProbeTask] = ()
+    retrieval: Sequence[RetrievalTask] = ()
+
+
+def build_eval_tasks(evaluation: EvaluationConfig, runtime: Runtime, transform: Callable, *, layout: CsvLayout,
+                     num_workers: int, seed: int) -> EvalTasks:
+    """The --eval_* sets (zero-shot, or linear probes with --linear_probe) and the --retrieval_data CSVs
+    (read with the run's CSV `layout`), each loader holding this process's block of its images."""
+    loader = partial(build_labeled_loader, runtime=runtime, batch_size=EVAL_BATCH_SIZE, num_workers=num_workers)
+    zero_shot, probes = [], []
+    for name, test_dir, train_dir in evaluation.sets():
+        test = load_eval_set(name, test_dir, transform)
+        if test.split:
+            log.info(f"{name}: {test.split}")
+        if evaluation.linear_probe:
+            train = load_eval_set(name, train_dir, transform, train=True)
+            num_classes = max(train.num_classes, test.num_classes)
+            probes.append(LinearProbeTask(name, loader(train.dataset), loader(test.dataset), num_classes,
+                                          evaluation.linear_probe_batch_size, evaluation.linear_probe_num_epochs,
+                                          seed, test.split))
+        else:
+            zero_shot.append(ZeroShotTask(name, loader(test.dataset), *test.require_prompts()))
+    retrieval = []
+    for path in evaluation.retrieval_data or ():
+        data = load_retrieval_set(path, layout, transform)
+        retrieval.append(RetrievalTask(data.name, loader(data.images), data.captions, data.caption_image))
+    return EvalTasks(zero_shot, probes, retrieval)
 
 
 @torch.no_grad()
@@ -115,13 +153,11 @@ def validation_losses(loss_fn: torch.nn.Module, image_features: torch.Tensor, te
 class Evaluator:
     """Runs the configured evaluations, shared by all processes, and records them in results.jsonl."""
 
-    def __init__(self, *, device: torch.device, autocast: Callable, loss_fn: torch.nn.Module,
-                 validation_loader: Optional[torch.utils.data.DataLoader], tokenizer: Callable, logger: RunLogger,
-                 zero_shot: Sequence[ZeroShotTask] = (), probes: Sequence[LinearProbeTask] = (),
-                 retrieval: Sequence[RetrievalTask] = ()) -> None:
-        self.device, self.autocast, self.loss_fn = device, autocast, loss_fn
-        self.validation_loader, self.tokenizer, self.logger = validation_loader, tokenizer, logger
-        self.zero_shot_tasks, self.probes, self.retrievals = zero_shot, probes, retrieval
+    def __init__(self, tasks: EvalTasks, runtime: Runtime, *, validation_loader: Optional[torch.utils.data.DataLoader],
+                 loss_fn: torch.nn.Module, tokenizer: Callable, logger: RunLogger, precision: str) -> None:
+        self.device, self.autocast = runtime.device, partial(autocast, runtime.device, precision)
+        self.loss_fn, self.validation_loader, self.tokenizer, self.logger = loss_fn, validation_loader, tokenizer, logger
+        self.zero_shot_tasks, self.probes, self.retrievals = tasks.zero_shot, tasks.probes, tasks.retrieval
 
     def run(self, model: torch.nn.Module, epoch: int, rank_weight: float) -> dict[str, float]:
         """Evaluate `model` (unwrapped; every process calls this); returns every number recorded, by its

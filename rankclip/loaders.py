@@ -7,7 +7,9 @@ from typing import Iterator, Optional, Protocol
 
 from torch.utils.data import DataLoader
 
-from .data import SampleMaker, build_caption_loader, loader_generator
+from .config import DataConfig
+from .data import Batches, SampleSource, build_caption_loader, loader_generator
+from .distributed import Runtime
 from .shards import ShardStream, expand_shards
 
 
@@ -43,18 +45,16 @@ class TrainData:
         return iter(self.loader)
 
 
-def build_train_data(train_data: str, *, dataset_type: str, num_samples: Optional[int], image_key: str,
-                     caption_key: str, delimiter: str, make_sample: SampleMaker, seed: int, global_batch: int,
-                     rank: int, world: int, num_workers: int, pin_memory: bool, micro_batches: int,
-                     min_size: Optional[int]) -> TrainData:
-    if dataset_type == "webdataset":
-        stream = ShardStream(expand_shards(train_data), num_samples, global_batch, make_sample, seed, rank, world,
-                             micro_batches, min_size)
-        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                            persistent_workers=num_workers > 0, generator=loader_generator(seed))
+def build_train_data(data: DataConfig, runtime: Runtime, source: SampleSource, batches: Batches) -> TrainData:
+    """This process's training data: CSV rows or webdataset shards, cut into `batches`."""
+    if data.shards:
+        stream = ShardStream(expand_shards(data.train_data), data.train_num_samples, batches.global_batch,
+                             source.make_sample, batches.seed, runtime.rank, runtime.world_size, batches.micro_batches,
+                             source.min_size)
+        loader = DataLoader(stream, batch_size=None, num_workers=data.num_workers,
+                            pin_memory=runtime.device.type == "cuda", persistent_workers=data.num_workers > 0,
+                            generator=loader_generator(batches.seed))
         return TrainData(loader, stream)
-    loader = build_caption_loader(train_data, image_key=image_key, caption_key=caption_key, delimiter=delimiter,
-                                  make_sample=make_sample, seed=seed, global_batch=global_batch, rank=rank,
-                                  world=world, num_workers=num_workers, pin_memory=pin_memory, train=True,
-                                  micro_batches=micro_batches, min_size=min_size)
+    loader = build_caption_loader(data.train_data, data.csv_layout, source, batches, runtime,
+                                  num_workers=data.num_workers, train=True)
     return TrainData(loader, loader.batch_sampler)

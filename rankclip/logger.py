@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import Config
+from .config import RunConfig
 
 log = logging.getLogger("rankclip")
 
@@ -30,9 +30,11 @@ def setup_console_logging(rank: int = 0) -> None:
 
 
 class RunLogger:
-    def __init__(self, cfg: Config, enabled: bool = True) -> None:
+    """Writes one run's folder: output.log, params.txt (the flat `settings`), results.jsonl, steps.jsonl."""
+
+    def __init__(self, run: RunConfig, settings: dict, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.run_dir = cfg.run_dir
+        self.run_dir = run.run_dir
         self.wandb = None
         self.records: list[dict] = []
         if not enabled:
@@ -42,12 +44,12 @@ class RunLogger:
         file_handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(file_handler)
         with open(self.run_dir / "params.txt", "w") as f:
-            for key, value in sorted(cfg.to_dict().items()):
+            for key, value in sorted(settings.items()):
                 f.write(f"{key}: {value}\n")
-        if cfg.wandb:
+        if run.wandb:
             import wandb
 
-            self.wandb = wandb.init(project="rankclip", name=cfg.name, notes=cfg.notes, config=cfg.to_dict(),
+            self.wandb = wandb.init(project="rankclip", name=run.name, notes=run.notes, config=settings,
                                     dir=str(self.run_dir), resume="allow")
 
     def results(self, epoch: int, split: str, metrics: dict) -> dict[str, float]:

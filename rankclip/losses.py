@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .config import LOSSES, RANK_SCHEDULES, ObjectiveConfig
 from .distributed import gather_with_grad, rank_and_world
 
 # Row chunks (see default_chunk_size). Memory per term is about CHUNK_BYTES_PER_SIMILARITY x rows x N.
@@ -31,8 +33,6 @@ CPU_CHUNK_SIMILARITIES = 2**19  # 2 MiB of fp32 similarities: about one core's L
 CPU_CHUNK_ROWS = (64, 128)
 GPU_CHUNK_BYTES = 2**30
 GPU_MIN_CHUNK_ROWS = 256
-RANK_SCHEDULES = ("reference", "constant")
-LOSSES = ("rankclip", "clip", "cyclip")
 # Exponents are clamped to _FLOOR before exp: below it fp32 exp is denormal or zero anyway
 # and an order of magnitude slower. The direct Plackett-Luce path needs every normalizer
 # Z' >= _TINY: that keeps each 1/Z' finite and the clamp's error (at most N·e^_FLOOR in any
@@ -410,17 +410,26 @@ class CyClipLoss(ClipLoss):
                 "crossmodal_cyclic_loss": crossmodal.detach().float()}
 
 
-def build_loss(name: str, lambda1: float = 1 / 16, lambda2: float = 1 / 16, rank_eps: float = 1e-10,
-               cylambda1: float = 0.0, cylambda2: float = 0.0, chunk_size: Optional[int] = None,
-               gather: bool = True) -> nn.Module:
-    """The training objective named by --loss (`gather=False`: see ClipLoss)."""
-    if name == "rankclip":
-        return RankCLIPLoss(lambda1, lambda2, rank_eps, chunk_size, gather)
-    if name == "clip":
+def build_loss(objective: ObjectiveConfig, chunk_size: Optional[int] = None, gather: bool = True) -> nn.Module:
+    """The training objective named by --loss, with its weights (`gather=False`: see ClipLoss)."""
+    if objective.loss == "rankclip":
+        return RankCLIPLoss(objective.lambda1, objective.lambda2, objective.rank_eps, chunk_size, gather)
+    if objective.loss == "clip":
         return ClipLoss(chunk_size, gather)
-    if name == "cyclip":
-        return CyClipLoss(cylambda1, cylambda2, chunk_size, gather)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    if objective.loss == "cyclip":
+        return CyClipLoss(objective.cylambda1, objective.cylambda2, chunk_size, gather)
+    raise ValueError(f"unknown loss {objective.loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+@dataclass(frozen=True)
+class RankWeightSchedule:
+    """The rank loss's weight over a run of `epochs` epochs (--rank_schedule, see `rank_weight`)."""
+
+    schedule: str
+    epochs: int
+
+    def __call__(self, epoch: int) -> float:
+        return rank_weight(epoch, self.epochs, self.schedule)
 
 
 def rank_weight(epoch: int, epochs: int, schedule: str = "reference") -> float:

@@ -18,7 +18,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 
 from .checkpoint import load_model_weights
-from .config import REPO_ROOT, ConfigError
+from .config import REPO_ROOT, ConfigError, ModelConfig
 
 SEED_MODEL_NAMES = {
     "RN50": "RN50-quickgelu",
@@ -33,6 +33,8 @@ open_clip.add_model_config(REPO_ROOT / "configs")
 
 @dataclass
 class ModelBundle:
+    """A built model with what goes with it: its transforms, tokenizer, open_clip name and input size."""
+
     model: torch.nn.Module
     train_transform: Callable
     val_transform: Callable
@@ -54,28 +56,29 @@ def resolve_model_name(name: str) -> str:
     raise ConfigError(f"--model_name {name}: unknown model; {hint} (or one of {', '.join(SEED_MODEL_NAMES)}, tiny-vit, tiny-rn)")
 
 
-def build_model(name: str, pretrained: Optional[str] = None, device: torch.device = torch.device("cpu"),
-                grad_checkpointing: bool = False) -> ModelBundle:
-    """Create the model with fp32 weights (autocast handles mixed precision) on `device`.
+def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) -> ModelBundle:
+    """Create the --model_name model with fp32 weights (autocast handles mixed precision) on `device`,
+    from --pretrained weights when given.
 
-    `grad_checkpointing` recomputes the transformers' block activations during backward
+    --grad_checkpointing recomputes the transformers' block activations during backward
     (open_clip supports it in ViT towers and the text tower; ResNet towers run as usual).
     """
-    open_clip_name = resolve_model_name(name)
+    open_clip_name = resolve_model_name(model.model_name)
+    pretrained = model.pretrained
     openai = pretrained == OPENAI_WEIGHTS
     if openai:
-        model, train_transform, val_transform = _with_openai_weights(open_clip_name, device)
+        network, train_transform, val_transform = _with_openai_weights(open_clip_name, device)
     else:
         if pretrained:
             _check_weights_file(pretrained)
-        model, train_transform, val_transform = open_clip.create_model_and_transforms(open_clip_name, device=device)
+        network, train_transform, val_transform = open_clip.create_model_and_transforms(open_clip_name, device=device)
         if pretrained:  # a local file: imported strictly into the architecture
-            load_model_weights(model, pretrained)
-    model.set_grad_checkpointing(grad_checkpointing)
+            load_model_weights(network, pretrained)
+    network.set_grad_checkpointing(model.grad_checkpointing)
     tokenizer = open_clip.get_tokenizer(open_clip_name)
     size = open_clip.get_model_config(open_clip_name)["vision_cfg"]["image_size"]
     image_size = max(size) if isinstance(size, (list, tuple)) else int(size)
-    return ModelBundle(model, train_transform, val_transform, tokenizer, open_clip_name, image_size)
+    return ModelBundle(network, train_transform, val_transform, tokenizer, open_clip_name, image_size)
 
 
 def _with_openai_weights(open_clip_name: str, device: torch.device) -> tuple:

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from .config import OptimConfig
+
 NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
 
 
@@ -27,8 +29,7 @@ def grouped_names(names: list[str]) -> list[list[str]]:
     return [[n for n in names if not decays_weight(n)], [n for n in names if decays_weight(n)]]
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float,
-                    weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW with the seed's groups (no decay, then decay), so that the seed's and CyCLIP's
     optimizer states fit these groups once their parameters are matched by name.
 
@@ -40,8 +41,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float
     params = dict(trainable_parameters(model))
     no_decay, decay = grouped_names(list(params))
     groups = [{"params": [params[n] for n in no_decay], "weight_decay": 0.0},
-              {"params": [params[n] for n in decay], "weight_decay": weight_decay}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+              {"params": [params[n] for n in decay], "weight_decay": optim.weight_decay}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True)
 
 
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")

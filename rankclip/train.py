@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 
 from .accumulate import cached_gradient_step
-from .checkpoint import Checkpointer, ResumePoint, training_state
-from .config import ConfigError
+from .checkpoint import Checkpointer, ResumePoint, TrainState
+from .config import ConfigError, TrainingConfig
 from .data import FAILURE_LIMIT
 from .distributed import Runtime
 from .evaluate import Evaluator
 from .loaders import TrainData
 from .logger import RunLogger, log, progress_interval
-from .losses import rank_weight
-from .rankstate import capture_rng, cpu_group, gather_rank_states
-from .savepoints import Preempted, SavePoints, save_interval_minutes
+from .precision import autocast
+from .savepoints import Preempted
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -52,32 +49,6 @@ class CosineSchedule:
             return 0.0 if self.total_steps > 1 else self.base_lr
         progress = min(step - warmup, decay_steps) / decay_steps
         return 0.5 * self.base_lr * (1 + math.cos(math.pi * progress))
-
-
-# Tests only: with RANKCLIP_CPU_AMP=1 the CPU runs --precision amp / amp_bf16 as a GPU would (CPU
-# autocast, fp16 with a GradScaler), so that those code paths are exercised without a GPU. Users on
-# a CPU always train in fp32.
-CPU_AMP_ENV = "RANKCLIP_CPU_AMP"
-
-
-def mixed_precision(device: torch.device) -> bool:
-    """Whether --precision amp / amp_bf16 take effect on `device`."""
-    return device.type == "cuda" or os.environ.get(CPU_AMP_ENV) == "1"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (and where RANKCLIP_CPU_AMP asks for it); otherwise fp32."""
-    dtypes = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "fp32": None}
-    if precision not in dtypes:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {list(dtypes)}")
-    if dtypes[precision] is None or not mixed_precision(device):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
-
-
-def build_scaler(device: torch.device, precision: str) -> Optional[torch.amp.GradScaler]:
-    """fp16 needs loss scaling (gradients below fp16's range would vanish); bf16 and fp32 do not."""
-    return torch.amp.GradScaler(device.type) if precision == "amp" and mixed_precision(device) else None
 
 
 def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
@@ -118,6 +89,14 @@ class FailureCounter:
                             f"(over {FAILURE_LIMIT:.0%}), e.g. {examples}; fix or remove them from the CSV")
 
 
+@dataclass(frozen=True)
+class Schedules:
+    """What changes over the run: the learning rate by optimizer step, the rank loss's weight by epoch."""
+
+    lr: Callable[[int], float]
+    rank_weight: Callable[[int], float]
+
+
 def read_sums(totals: dict[str, torch.Tensor]) -> dict[str, float]:
     """The device-side running sums as floats, in one host read."""
     values = torch.stack(list(totals.values())).tolist() if totals else []
@@ -126,90 +105,69 @@ def read_sums(totals: dict[str, torch.Tensor]) -> dict[str, float]:
 
 @dataclass
 class Trainer:
-    """Owns one run's training state; `fit` runs the epochs, evaluates and checkpoints."""
+    """Runs one run's epochs over `state`: trains, evaluates after each epoch and checkpoints."""
 
-    model: torch.nn.Module  # possibly DDP-wrapped
-    unwrapped: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: Optional[torch.amp.GradScaler]
-    schedule: Callable[[int], float]
+    training: TrainingConfig
+    runtime: Runtime
+    state: TrainState
+    schedules: Schedules
     loss_fn: torch.nn.Module
     data: TrainData
     evaluator: Evaluator
     checkpointer: Checkpointer
     logger: RunLogger
-    runtime: Runtime
-    cfg: object  # rankclip.config.Config
-    step: int = 0
-
-    def __post_init__(self) -> None:
-        self.cpu_group = cpu_group()  # every rank creates it, at the same point
-        self.savepoints = SavePoints(self.cfg.save_every_steps,
-                                     save_interval_minutes(self.cfg.save_every_minutes, self.runtime.device),
-                                     self.runtime.world_size, self.runtime.is_main, self.cpu_group)
 
     def fit(self, resume: ResumePoint) -> None:
         """Train from `resume` to the last epoch; SIGTERM/SIGUSR1 end it with a checkpoint (Preempted)."""
-        epochs = self.cfg.epochs
-        self.savepoints.install()
+        points = self.checkpointer.points
+        points.install()
         try:
             if resume.epoch == 1 and resume.steps_done == 0:
-                self.evaluator.run(self.unwrapped, epoch=0, rank_weight=rank_weight(0, epochs, self.cfg.rank_schedule))
+                self.evaluator.run(self.state.model, epoch=0, rank_weight=self.schedules.rank_weight(0))
                 self.runtime.barrier()
-            for epoch in range(resume.epoch, epochs + 1):
-                weight = rank_weight(epoch, epochs, self.cfg.rank_schedule)
+            for epoch in range(resume.epoch, self.training.epochs + 1):
+                weight = self.schedules.rank_weight(epoch)
                 train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None)
                 self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
                 self.logger.results(epoch, "train", train_metrics)
-                recorded = self.evaluator.run(self.unwrapped, epoch=epoch, rank_weight=weight)
+                recorded = self.evaluator.run(self.state.model, epoch=epoch, rank_weight=weight)
                 self.runtime.barrier()
-                self.save(epoch, position=None, recorded=recorded)
-                if self.savepoints.at_step(self.step, may_save=False)[1]:
-                    raise Preempted(self.savepoints.stop_reason())
+                self.checkpointer.save(self.state, epoch, position=None, recorded=recorded)
+                if points.at_step(self.state.step, may_save=False)[1]:
+                    raise Preempted(points.stop_reason())
         except Preempted:
             self.checkpointer.wait()
             self.runtime.barrier()  # no rank exits before the checkpoint is on disk (srun --kill-on-bad-exit)
-            self.savepoints.ignore()  # the run ends now, with its exit code, whatever else arrives
+            points.ignore()  # the run ends now, with its exit code, whatever else arrives
             raise
         finally:
             self.checkpointer.wait()  # the last checkpoint is on disk before the run ends, however it ends
-            self.savepoints.uninstall()
+            points.uninstall()
         self.logger.write_curves()
-
-    def save(self, epochs_done: int, position: Optional[dict], recorded: Optional[dict] = None,
-             sums: Optional[dict] = None, failed: Iterable[str] = ()) -> None:
-        """Every rank hands over its own state; rank 0 writes the checkpoint in the background."""
-        own = {"rng": capture_rng(self.runtime.device), "sums": dict(sums or {}), "failed": sorted(failed)}
-        rank_states = gather_rank_states(own, self.cpu_group)
-        if self.runtime.is_main:
-            state = training_state(epoch=epochs_done, step=self.step, position=position, cfg=self.cfg,
-                                   model=self.unwrapped, optimizer=self.optimizer, scaler=self.scaler,
-                                   rank_states=rank_states)
-            self.checkpointer.save(state, recorded)
-        self.savepoints.saved()
 
     def micro_batch_groups(self) -> Iterator[list[dict]]:
         """The loader's batches, `accum_freq` at a time: the micro-batches of one optimizer step."""
         group: list[dict] = []
         for batch in self.data:
             group.append(batch)
-            if len(group) == self.cfg.accum_freq:
+            if len(group) == self.training.accum_freq:
                 yield group
                 group = []
 
     def backward(self, tensor: torch.Tensor) -> None:
-        (tensor if self.scaler is None else self.scaler.scale(tensor)).backward()
+        scaler = self.state.scaler
+        (tensor if scaler is None else scaler.scale(tensor)).backward()
 
     def forward_backward(self, batches: list[dict], weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Loss of one step and its gradient in `.grad`; several micro-batches use gradient caching."""
         def encode(batch: dict) -> dict:
-            return encode_batch(self.model, batch, self.runtime.device, self.cfg.precision)
+            return encode_batch(self.state.wrapped, batch, self.runtime.device, self.training.precision)
 
         def loss(**features: torch.Tensor) -> dict[str, torch.Tensor]:
             return self.loss_fn(**features, rank_weight=weight)
 
         if len(batches) > 1:
-            return cached_gradient_step(self.model, batches, encode, loss, self.backward, self.runtime.device)
+            return cached_gradient_step(self.state.wrapped, batches, encode, loss, self.backward, self.runtime.device)
         features = encode(batches[0])
         losses = loss(**features)
         self.backward(losses["loss"])
@@ -217,14 +175,15 @@ class Trainer:
 
     def train_epoch(self, epoch: int, weight: float, resume: Optional[ResumePoint] = None) -> dict:
         """One epoch, or the rest of one that a mid-epoch checkpoint (`resume`) stopped in."""
-        self.model.train()
+        state, points = self.state, self.checkpointer.points
+        state.wrapped.train()
         start_step = resume.steps_done if resume is not None else 0
         self.data.set_epoch(epoch, start_step)
         on_gpu = self.runtime.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
         num_steps = self.data.steps
-        every = self.cfg.log_every_n_steps or progress_interval(num_steps)
+        every = self.training.log_every_n_steps or progress_interval(num_steps)
         failures = FailureCounter(self.data.num_samples // self.runtime.world_size)  # this process's share
         # Running sums stay on the device and are read at log and save points only: a .item() per step
         # would make the host wait for the GPU's queue to drain at every step.
@@ -232,7 +191,7 @@ class Trainer:
                                            for k, v in (resume.sums.items() if resume is not None else ())}
         seen = resume.seen if resume is not None else 0
         failures.add(list(resume.failed) if resume is not None else [])
-        seen_before, lr = seen, self.schedule(max(self.step - 1, 0))
+        seen_before, lr = seen, self.schedules.lr(max(state.step - 1, 0))
         start = interval_start = time.perf_counter()
         interval_samples = 0
         bar = tqdm(self.micro_batch_groups(), total=num_steps, initial=start_step, desc=f"epoch {epoch}",
@@ -240,20 +199,20 @@ class Trainer:
         for i, batches in enumerate(bar, start=start_step):
             for batch in batches:
                 failures.add(batch["failed"])
-            lr = self.schedule(self.step)
-            for group in self.optimizer.param_groups:
+            lr = self.schedules.lr(state.step)
+            for group in state.optimizer.param_groups:
                 group["lr"] = lr
 
-            self.optimizer.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
             losses, logit_scale = self.forward_backward(batches, weight)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            if state.scaler is not None:
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
             else:
-                self.optimizer.step()
-            with torch.no_grad():  # the seed's clamp: the temperature never exceeds 100
-                self.unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            self.step += 1
+                state.optimizer.step()
+            with torch.no_grad():  # the original code's clamp: the temperature never exceeds 100
+                state.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            state.step += 1
 
             n = sum(batch["image"].shape[0] for batch in batches) * self.runtime.world_size
             seen += n
@@ -268,15 +227,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
                 log.info(f"epoch {epoch} [{i + 1}/{num_steps}] {parts} lr {lr:.3e} "
                          f"logit_scale {logit_scale.item():.2f} samples/s {rate:.1f}")
-                self.logger.step(self.step, epoch, values | {"lr": lr})
+                self.logger.step(state.step, epoch, values | {"lr": lr})
                 interval_start, interval_samples = time.perf_counter(), 0
-            save, stop = self.savepoints.at_step(self.step, may_save=i + 1 < num_steps)
+            save, stop = points.at_step(state.step, may_save=i + 1 < num_steps)
             if save:
-                self.save(epoch - 1, {"epoch": epoch, "steps_done": i + 1, "seen": seen}, sums=read_sums(totals),
-                          failed=failures.failed)
+                self.checkpointer.save(state, epoch - 1, {"epoch": epoch, "steps_done": i + 1, "seen": seen},
+                                       sums=read_sums(totals), failed=failures.failed)
             if stop:
                 bar.close()
-                raise Preempted(self.savepoints.stop_reason())
+                raise Preempted(points.stop_reason())
         bar.close()
         elapsed = time.perf_counter() - start
         # Each rank's loss is its rows' share of the global loss: the mean over ranks is the global value.
@@ -287,7 +246,7 @@ class Trainer:
         rate = (seen - seen_before) / max(elapsed, 1e-9)
         metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,
                        samples_per_second_per_process=rate / self.runtime.world_size,
-                       skipped_samples=int(summed[-1]), step=self.step)
+                       skipped_samples=int(summed[-1]), step=state.step)
         if on_gpu:  # this process's peak of allocated tensors (the caching allocator reserves more)
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
         if failures.failed:

@@ -18,21 +18,21 @@ from rankclip.config import ConfigError, parse_config
 NEVER = 300  # seconds: stands for an NCCL collective, which never notices that a peer is gone
 
 
-def rank_1_fails(runtime, cfg) -> None:
+def rank_1_fails(runtime) -> None:
     runtime.barrier()  # both ranks are up
     if runtime.rank == 1:
         raise RuntimeError("rank 1 broke")
     time.sleep(NEVER)
 
 
-def rank_0_is_killed(runtime, cfg) -> None:
+def rank_0_is_killed(runtime) -> None:
     runtime.barrier()
     if runtime.rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(NEVER)
 
 
-def rank_1_is_killed(runtime, cfg) -> None:
+def rank_1_is_killed(runtime) -> None:
     """Killed without a word, as the OOM killer does."""
     runtime.barrier()
     if runtime.rank == 1:
@@ -40,7 +40,7 @@ def rank_1_is_killed(runtime, cfg) -> None:
     time.sleep(NEVER)
 
 
-def long_rank_0_evaluation(runtime, cfg) -> None:
+def long_rank_0_evaluation(runtime) -> None:
     if runtime.rank == 0:
         time.sleep(3 * COLLECTIVE_TIMEOUT.total_seconds() / 2)  # longer than a collective may wait
     runtime.barrier()
@@ -49,7 +49,7 @@ def long_rank_0_evaluation(runtime, cfg) -> None:
     print(f"rank {runtime.rank} sums {int(total.item())}")
 
 
-def rank_0_ends_first(runtime, cfg) -> None:
+def rank_0_ends_first(runtime) -> None:
     """A successful run whose rank 0 (the store's host under srun) is done long before rank 1."""
     time.sleep(3 if runtime.rank == 1 else 0)
     print(f"rank {runtime.rank} done")
@@ -64,7 +64,7 @@ if __name__ == "__main__":
     distributed.PROCESS_GROUP_TIMEOUT = COLLECTIVE_TIMEOUT
     distributed.PEER_SILENCE_SECONDS = SILENCE
     try:
-        distributed.launch(SCENARIOS[sys.argv[1]], parse_config(["--device", "cpu"]))
+        distributed.launch(SCENARIOS[sys.argv[1]], parse_config(["--device", "cpu"]).launch)
     except ConfigError as e:
         print(f"rankclip: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from rankclip.config import ModelConfig
 from rankclip.accumulate import cached_gradient_step
 from rankclip.checkpoint import read_checkpoint
 from rankclip.config import ConfigError
@@ -97,7 +98,7 @@ def test_cached_gradients_equal_one_graph_over_all_micro_batches(augmented):
 
 def test_tiny_vit_two_micro_batches_equal_one_batch_of_twice_the_size():
     """Without BatchNorm or dropout, K micro-batches of B are exactly one batch of K·B."""
-    bundle = build_model("tiny-vit")
+    bundle = build_model(ModelConfig(model_name="tiny-vit"))
     model = bundle.model.train()
     generator = torch.Generator().manual_seed(3)
     images = torch.randn(16, 3, 32, 32, generator=generator)

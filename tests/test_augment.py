@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rankclip.config import CsvLayout
 from rankclip.augment import AugmentedImage, augment_caption, delete_words, insert_words, swap_words
 from rankclip.data import CaptionDataset, SampleMaker, read_caption_csv
 
@@ -35,7 +36,7 @@ def test_caption_edits_are_seeded():
 
 
 def test_inmodal_samples_carry_seeded_second_views(colour_data):
-    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    images, captions = read_caption_csv(str(colour_data["train"]), CsvLayout("image", "caption", ","))
     transform = lambda image: torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.float32))  # noqa: E731
     tokenizer = lambda texts: torch.tensor([[sum(map(ord, t)), len(t.split())] for t in texts])  # noqa: E731
     dataset = CaptionDataset(images, captions, SampleMaker(transform, tokenizer, inmodal=True), seed=0)

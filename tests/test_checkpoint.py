@@ -1,4 +1,3 @@
-import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -6,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankclip.checkpoint import (BestMetric, Checkpointer, atomic_alias, atomic_save, check_resumed_config,
+from rankclip.checkpoint import (BestMetric, Checkpointer, TrainState, atomic_alias, atomic_save, check_resumed_config,
                                  extract_state_dict, load_model_weights, read_checkpoint, training_state)
-from rankclip.config import Config, ConfigError
+from rankclip.config import CheckpointsConfig, Config, ConfigError
+from rankclip.distributed import Runtime
 from rankclip.logger import setup_console_logging
 
 
@@ -95,18 +95,24 @@ def test_pickled_code_is_not_loaded(tmp_path):
 
 def checkpoint_state(epoch: int, model: torch.nn.Module, position=None, name: str = "run") -> dict:
     optimizer = torch.optim.AdamW(model.parameters())
-    return training_state(epoch=epoch, step=10 * epoch, position=position, cfg=Config(name=name, model_name="tiny-vit"),
-                          model=model, optimizer=optimizer, scaler=None,
-                          rank_states=[{"rng": {"torch": torch.get_rng_state()}}])
+    cfg = Config.from_dict({"name": name, "model_name": "tiny-vit"})
+    record = {"name": name, "model_name": "tiny-vit", "config": cfg.to_dict()}
+    return training_state(TrainState(model, model, optimizer, None, step=10 * epoch), epoch=epoch, position=position,
+                          record=record, rank_states=[{"rng": {"torch": torch.get_rng_state()}}])
+
+
+def checkpointer_in(run_dir: Path, **checkpoints) -> Checkpointer:
+    """A one-process run's Checkpointer for `run_dir` (what it records is given with each write)."""
+    return Checkpointer(CheckpointsConfig(**checkpoints), run_dir, Runtime(), record={})
 
 
 def test_checkpointer_keeps_latest_and_best(tmp_path):
     model = torch.nn.Linear(2, 2)
-    checkpointer = Checkpointer(tmp_path)
+    checkpointer = checkpointer_in(tmp_path)
     for epoch, loss in [(1, 2.0), (2, 1.0), (3, 1.5)]:
         with torch.no_grad():
             model.bias.fill_(epoch)
-        checkpointer.save(checkpoint_state(epoch, model),
+        checkpointer.write(checkpoint_state(epoch, model),
                           recorded={"validation/contrastive_loss": loss, "validation/loss": -epoch})
     checkpointer.wait()
     folder = tmp_path / "checkpoints"
@@ -121,10 +127,10 @@ def test_checkpointer_keeps_latest_and_best(tmp_path):
 
 def test_a_save_copies_the_state_before_training_goes_on(tmp_path):
     model = torch.nn.Linear(2, 2)
-    checkpointer = Checkpointer(tmp_path)
+    checkpointer = checkpointer_in(tmp_path)
     with torch.no_grad():
         model.bias.fill_(1.0)
-    checkpointer.save(checkpoint_state(0, model, position={"epoch": 1, "steps_done": 3, "seen": 96}))
+    checkpointer.write(checkpoint_state(0, model, position={"epoch": 1, "steps_done": 3, "seen": 96}))
     with torch.no_grad():
         model.bias.fill_(2.0)  # the next step, while the writer may still be busy
     checkpointer.wait()
@@ -135,9 +141,9 @@ def test_a_save_copies_the_state_before_training_goes_on(tmp_path):
 
 def test_keep_checkpoints_bounds_the_epoch_files(tmp_path):
     model = torch.nn.Linear(2, 2)
-    checkpointer = Checkpointer(tmp_path, keep=2)
+    checkpointer = checkpointer_in(tmp_path, keep_checkpoints=2)
     for epoch, loss in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]:
-        checkpointer.save(checkpoint_state(epoch, model), recorded={"validation/contrastive_loss": loss})
+        checkpointer.write(checkpoint_state(epoch, model), recorded={"validation/contrastive_loss": loss})
     checkpointer.wait()
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch.best.pt", "epoch_3.pt", "epoch_4.pt", "epoch_latest.pt"]
@@ -147,8 +153,8 @@ def test_keep_checkpoints_bounds_the_epoch_files(tmp_path):
 def test_a_full_disk_keeps_the_previous_checkpoint_and_warns(tmp_path, monkeypatch, capsys):
     setup_console_logging(0)
     model = torch.nn.Linear(2, 2)
-    checkpointer = Checkpointer(tmp_path)
-    checkpointer.save(checkpoint_state(1, model), recorded={})
+    checkpointer = checkpointer_in(tmp_path)
+    checkpointer.write(checkpoint_state(1, model), recorded={})
     checkpointer.wait()
 
     def disk_full(obj, f):
@@ -156,7 +162,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_warns(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    checkpointer.save(checkpoint_state(1, model, position={"epoch": 2, "steps_done": 1, "seen": 32}))
+    checkpointer.write(checkpoint_state(1, model, position={"epoch": 2, "steps_done": 1, "seen": 32}))
     checkpointer.wait()
     monkeypatch.undo()
     latest = read_checkpoint(tmp_path / "checkpoints" / "epoch_latest.pt")
@@ -212,21 +218,21 @@ def test_best_metric_knows_which_way_is_better():
 
 
 def mid_epoch_checkpoint(**config) -> dict:
-    saved = Config(name="run", train_data="train.csv", dataset_type="webdataset", train_num_samples=256,
-                   num_workers=2, **config)
+    saved = Config.from_dict(dict(name="run", train_data="train.csv", dataset_type="webdataset", train_num_samples=256,
+                                  num_workers=2, **config))
     return {"config": saved.to_dict(), "epoch": 2, "world_size": 2, "position": {"epoch": 3, "steps_done": 4, "seen": 4}}
 
 
 def test_a_mid_epoch_position_is_kept_only_where_it_stays_exact(tmp_path):
-    cfg = Config(name="run", train_data="train.csv", dataset_type="webdataset", train_num_samples=256,
-                 num_workers=2, resume_allow_changes=True)
+    cfg = Config.from_dict(dict(name="run", train_data="train.csv", dataset_type="webdataset", train_num_samples=256,
+                                num_workers=2, resume_allow_changes=True)).to_dict()
     path = tmp_path / "checkpoints" / "epoch_latest.pt"
-    check_resumed_config(mid_epoch_checkpoint(), cfg, path, world_size=2)  # same streams: fine
+    check_resumed_config(mid_epoch_checkpoint(), path, cfg, world_size=2)  # same streams: fine
     with pytest.raises(ConfigError, match=r"per \(process, data worker\): resume with 2 processes and "
                                           r"--num_workers 2, or resume from .*epoch_2.pt"):
-        check_resumed_config(mid_epoch_checkpoint(), cfg, path, world_size=1)
+        check_resumed_config(mid_epoch_checkpoint(), path, cfg, world_size=1)
     with pytest.raises(ConfigError, match="inside epoch 3 and batch_size changed"):
-        check_resumed_config(mid_epoch_checkpoint(batch_size=64), cfg, path, world_size=2)
-    csv = Config(name="run", train_data="train.csv", dataset_type="csv", resume_allow_changes=True)
-    csv_checkpoint = dict(mid_epoch_checkpoint(), config=dataclasses.replace(csv, epochs=10).to_dict())
-    check_resumed_config(csv_checkpoint, csv, path, world_size=1)  # CSV: any world size; the epochs may change
+        check_resumed_config(mid_epoch_checkpoint(batch_size=64), path, cfg, world_size=2)
+    csv = Config.from_dict(dict(name="run", train_data="train.csv", dataset_type="csv", resume_allow_changes=True))
+    csv_checkpoint = dict(mid_epoch_checkpoint(), config=csv.to_dict() | {"epochs": 10})
+    check_resumed_config(csv_checkpoint, path, csv.to_dict(), world_size=1)  # CSV: any world size; the epochs may change

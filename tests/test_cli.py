@@ -227,16 +227,16 @@ def test_pretrained_path_loads_a_local_file_and_openai_needs_the_cache(trained, 
     from rankclip.models import build_model
 
     weights = trained / "checkpoints" / "epoch_1.pt"
-    bundle = build_model("tiny-vit", str(weights))
+    bundle = build_model(ModelConfig(model_name="tiny-vit", pretrained=str(weights)))
     expected = read_checkpoint(weights)["state_dict"]
     assert all(torch.equal(v, expected[k]) for k, v in bundle.model.state_dict().items())
     with pytest.raises(ConfigError, match="OpenAI released no weights for tiny-vit"):
-        build_model("tiny-vit", "openai")
+        build_model(ModelConfig(model_name="tiny-vit", pretrained="openai"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ConfigError, match="not in open_clip's cache.*--pretrained PATH"):
-        build_model("RN50", "openai")
+        build_model(ModelConfig(model_name="RN50", pretrained="openai"))
 
 
 @pytest.mark.parametrize("objective", [

@@ -33,12 +33,12 @@ def test_grid_expands_to_every_combination_in_order(colour_data, tmp_path):
     assert names[:3] == ["loss=clip_seed=0_inmodal=false", "loss=clip_seed=0_inmodal=true",
                          "loss=clip_seed=1_inmodal=false"]
     assert len(names) == len(set(names)) == 8
-    settings = {(c.config.loss, c.config.seed, c.config.inmodal) for c in study.cells}
+    settings = {(c.config.objective.loss, c.config.run.seed, c.config.data.inmodal) for c in study.cells}
     assert settings == {(loss, seed, inmodal) for loss in ("clip", "rankclip") for seed in (0, 1)
                         for inmodal in (False, True)}
     cell = study.cells[1]
     assert cell.run_dir == tmp_path / "tiny" / "loss=clip_seed=0_inmodal=true"
-    assert cell.config.epochs == EPOCHS and cell.config.model_name == "tiny-vit"
+    assert cell.config.training.epochs == EPOCHS and cell.config.model.model_name == "tiny-vit"
     command = compare.cell_command(cell, nproc_per_node=1)
     assert command[:3] == [sys.executable, "-m", "rankclip.main"]
     assert command[-11:] == ["--loss", "clip", "--seed", "0", "--inmodal", "--logs_dir", str(tmp_path / "tiny"),
@@ -55,10 +55,10 @@ def test_cell_names_are_plain_folder_names():
 def test_no_flags_is_the_demo_study():
     study = parse_study([])
     assert study.study_dir.name == "demo_study"
-    assert [(c.config.loss, c.config.seed) for c in study.cells] == [
+    assert [(c.config.objective.loss, c.config.run.seed) for c in study.cells] == [
         (loss, seed) for loss in ("clip", "cyclip", "rankclip") for seed in (0, 1)]
-    assert all(c.config.model_name == "tiny-vit" and c.config.epochs == 2 and c.config.cylambda1 == 0.25
-               and os.path.isabs(c.config.train_data) for c in study.cells)
+    assert all(c.config.model.model_name == "tiny-vit" and c.config.training.epochs == 2
+               and c.config.objective.cylambda1 == 0.25 and os.path.isabs(c.config.data.train_data) for c in study.cells)
 
 
 @pytest.mark.parametrize("grid, message", [

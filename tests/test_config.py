@@ -8,18 +8,18 @@ from rankclip.config import Config, ConfigError, higher_is_better, parse_config
 
 def test_demo_preset_applies_without_data_flags():
     cfg = parse_config([])
-    assert cfg.demo
-    assert cfg.model_name == "tiny-vit"
-    assert cfg.train_data.endswith("train.csv") and cfg.eval_test_data_dir
+    assert cfg.run.demo
+    assert cfg.model.model_name == "tiny-vit"
+    assert cfg.data.train_data.endswith("train.csv") and cfg.evaluation.eval_test_data_dir
 
 
 def test_flags_beat_config_file_beat_defaults(tmp_path, colour_data):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"epochs": 7, "lr": 0.01, "device_ids": [0, 1]}))
     cfg = parse_config(["--train_data", str(colour_data["train"]), "--config", str(path), "--lr", "0.5"])
-    assert not cfg.demo
-    assert (cfg.epochs, cfg.lr, cfg.device_ids) == (7, 0.5, (0, 1))
-    assert cfg.batch_size == Config.batch_size
+    assert not cfg.run.demo
+    assert (cfg.training.epochs, cfg.optim.lr, cfg.launch.device_ids) == (7, 0.5, (0, 1))
+    assert cfg.training.batch_size == Config().training.batch_size
     assert cfg.to_dict()["device_ids"] == [0, 1]
 
 
@@ -57,7 +57,7 @@ def test_several_eval_sets_pair_with_their_folders(colour_data):
     folder = str(colour_data["zeroshot"])
     cfg = parse_config(["--train_data", str(colour_data["train"]), "--eval_data_type", "ImageNet1K", "CIFAR10",
                         "--eval_test_data_dir", folder, folder])
-    assert cfg.eval_data_type == ("ImageNet1K", "CIFAR10") and cfg.eval_test_data_dir == (folder, folder)
+    assert cfg.evaluation.eval_data_type == ("ImageNet1K", "CIFAR10") and cfg.evaluation.eval_test_data_dir == (folder, folder)
     assert cfg.to_dict()["eval_data_type"] == ["ImageNet1K", "CIFAR10"]
 
 
@@ -87,13 +87,13 @@ def test_a_config_file_with_data_is_not_the_demo(tmp_path, colour_data):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"train_data": str(colour_data["train"]), "model_name": "RN50"}))
     cfg = parse_config(["--config", str(path)])
-    assert not cfg.demo and cfg.validation_data is None and cfg.eval_test_data_dir is None
-    assert (cfg.epochs, cfg.lr, cfg.device) == (Config.epochs, Config.lr, Config.device)
+    assert not cfg.run.demo and cfg.data.validation_data is None and cfg.evaluation.eval_test_data_dir is None
+    assert (cfg.training.epochs, cfg.optim.lr, cfg.launch.device) == (Config().training.epochs, Config().optim.lr, Config().launch.device)
 
 
 def test_evaluating_pretrained_weights_is_not_the_demo(colour_data):
     cfg = parse_config(["--pretrained", "--retrieval_data", str(colour_data["validation"])])
-    assert not cfg.demo and cfg.train_data is None and cfg.pretrained == "openai"
+    assert not cfg.run.demo and cfg.data.train_data is None and cfg.model.pretrained == "openai"
 
 
 @pytest.mark.parametrize("values, message", [
@@ -117,14 +117,14 @@ def test_resume_needs_the_training_data():
 
 def test_default_name_is_a_time_stamp_with_the_model(colour_data):
     cfg = parse_config(["--train_data", str(colour_data["train"]), "--model_name", "ViT-B/32"])
-    assert cfg.name.endswith("-ViT-B-32") and "/" not in cfg.name
+    assert cfg.run.name.endswith("-ViT-B-32") and "/" not in cfg.run.name
 
 
 def test_best_metric_names_and_directions(colour_data):
     argv = ["--train_data", str(colour_data["train"]), "--eval_data_type", "ImageNet1K", "--eval_test_data_dir",
             str(colour_data["zeroshot"]), "--best_metric", "eval/ImageNet1K/zeroshot_top1"]
-    assert parse_config(argv).best_metric == "eval/ImageNet1K/zeroshot_top1"
-    assert parse_config(["--train_data", str(colour_data["train"])]).best_metric == "contrastive_loss"
+    assert parse_config(argv).checkpoints.best_metric == "eval/ImageNet1K/zeroshot_top1"
+    assert parse_config(["--train_data", str(colour_data["train"])]).checkpoints.best_metric == "contrastive_loss"
     assert higher_is_better("eval/ImageNet1K/zeroshot_top1") and higher_is_better("retrieval/val/text_to_image_R@5")
     assert not higher_is_better("contrastive_loss") and not higher_is_better("validation/image_uniformity")
 
@@ -137,7 +137,7 @@ def test_resume_of_this_run_needs_its_name(colour_data, mode):
 
 def test_step_checkpoint_flags(colour_data):
     cfg = parse_config(["--train_data", str(colour_data["train"]), "--save_every_steps", "5", "--keep_checkpoints", "2"])
-    assert (cfg.save_every_steps, cfg.keep_checkpoints, cfg.save_every_minutes) == (5, 2, None)
+    assert (cfg.checkpoints.save_every_steps, cfg.checkpoints.keep_checkpoints, cfg.checkpoints.save_every_minutes) == (5, 2, None)
     with pytest.raises(ConfigError, match="--keep_checkpoints must be at least 1"):
         parse_config(["--train_data", str(colour_data["train"]), "--keep_checkpoints", "0"])
     with pytest.raises(ConfigError, match="--save_every_minutes must not be negative"):

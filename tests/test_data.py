@@ -2,9 +2,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rankclip.config import ConfigError
-from rankclip.data import (CaptionDataset, GlobalBatchSampler, SampleMaker, build_caption_loader, collate_samples,
-                           read_caption_csv)
+from rankclip.config import ConfigError, CsvLayout
+from rankclip.data import (Batches, CaptionDataset, GlobalBatchSampler, SampleMaker, SampleSource, build_caption_loader,
+                           collate_samples, read_caption_csv)
+from rankclip.distributed import Runtime
 
 
 def to_tensor(image):
@@ -17,39 +18,39 @@ def fake_tokenizer(texts):
 
 
 def test_csv_paths_are_relative_to_the_csv_folder(colour_data):
-    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    images, captions = read_caption_csv(str(colour_data["train"]), CsvLayout("image", "caption", ","))
     assert len(images) == len(captions) == 256
     assert images[0].startswith(str(colour_data["root"]))
 
 
 def test_missing_column_lists_the_columns(colour_data):
     with pytest.raises(ConfigError, match=r"no column 'text' \(columns: image, caption\); set --caption_key"):
-        read_caption_csv(str(colour_data["train"]), "image", "text", ",")
+        read_caption_csv(str(colour_data["train"]), CsvLayout("image", "text", ","))
 
 
 def test_wrong_delimiter_says_which_to_use(tmp_path, colour_data):
     tsv = tmp_path / "data.tsv"
     tsv.write_text(colour_data["train"].read_text().replace(",", "\t"))
     with pytest.raises(ConfigError, match=r"pass --delimiter '\\t'"):
-        read_caption_csv(str(tsv), "image", "caption", ",")
+        read_caption_csv(str(tsv), CsvLayout("image", "caption", ","))
 
 
 def test_empty_and_header_only_files(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(ConfigError, match="the file is empty"):
-        read_caption_csv(str(empty), "image", "caption", ",")
+        read_caption_csv(str(empty), CsvLayout("image", "caption", ","))
     header = tmp_path / "header.csv"
     header.write_text("image,caption\n")
     with pytest.raises(ConfigError, match="no rows"):
-        read_caption_csv(str(header), "image", "caption", ",")
+        read_caption_csv(str(header), CsvLayout("image", "caption", ","))
 
 
 def test_images_that_do_not_exist_are_caught_at_start_up(tmp_path):
     path = tmp_path / "moved.csv"
     path.write_text("image,caption\nmissing/a.png,a cat\nmissing/b.png,a dog\n")
     with pytest.raises(ConfigError, match="none of the first 2 images exist"):
-        read_caption_csv(str(path), "image", "caption", ",")
+        read_caption_csv(str(path), CsvLayout("image", "caption", ","))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -84,16 +85,15 @@ def test_sampler_refuses_impossible_batches():
 def test_validation_blocks_keep_every_sample_once_in_order(colour_data, world):
     keys = []
     for rank in range(world):
-        loader = build_caption_loader(str(colour_data["validation"]), image_key="image", caption_key="caption",
-                                      delimiter=",", make_sample=SampleMaker(to_tensor, fake_tokenizer), seed=0,
-                                      global_batch=5, rank=rank, world=world, num_workers=0, pin_memory=False,
-                                      train=False)
+        loader = build_caption_loader(str(colour_data["validation"]), CsvLayout(),
+                                      SampleSource(SampleMaker(to_tensor, fake_tokenizer)), Batches(5, seed=0),
+                                      Runtime(rank=rank, world_size=world), num_workers=0, train=False)
         keys += [key for batch in loader.batch_sampler for key in batch]
     assert keys == [(0, i) for i in range(64)]
 
 
 def test_augmentation_is_seeded_per_sample(colour_data):
-    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    images, captions = read_caption_csv(str(colour_data["train"]), CsvLayout("image", "caption", ","))
     dataset = CaptionDataset(images, captions, SampleMaker(to_tensor, fake_tokenizer), seed=0)
     a = dataset[(1, 5)]["image"]
     torch.manual_seed(123)  # the global RNG must not matter
@@ -104,7 +104,7 @@ def test_augmentation_is_seeded_per_sample(colour_data):
 
 
 def test_unreadable_image_is_replaced_and_reported(tmp_path, colour_data):
-    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    images, captions = read_caption_csv(str(colour_data["train"]), CsvLayout("image", "caption", ","))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     images[3], images[4] = str(broken), str(tmp_path / "gone.png")
@@ -128,7 +128,7 @@ def test_a_resumed_epoch_skips_the_consumed_steps_as_indices(world, micro_batche
 
 
 def test_a_resumed_loader_opens_no_image_of_the_skipped_steps(colour_data, monkeypatch):
-    images, captions = read_caption_csv(str(colour_data["train"]), "image", "caption", ",")
+    images, captions = read_caption_csv(str(colour_data["train"]), CsvLayout("image", "caption", ","))
     opened = []
     monkeypatch.setattr("rankclip.data.load_image",
                         lambda path, size=None: opened.append(path) or Image.new("RGB", (4, 4)))
@@ -140,7 +140,7 @@ def test_a_resumed_loader_opens_no_image_of_the_skipped_steps(colour_data, monke
 
 
 def test_unreadable_validation_image_is_skipped_not_replaced(tmp_path, colour_data):
-    images, captions = read_caption_csv(str(colour_data["validation"]), "image", "caption", ",")
+    images, captions = read_caption_csv(str(colour_data["validation"]), CsvLayout("image", "caption", ","))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     images[3] = str(broken)

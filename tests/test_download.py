@@ -20,6 +20,7 @@ from types import ModuleType
 import pytest
 from PIL import Image
 
+from rankclip.config import CsvLayout
 from rankclip.data import read_caption_csv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +140,7 @@ def test_csv_lists_exactly_the_good_images_with_their_captions(cc3m):
     for row in rows:
         assert not Path(row["image"]).is_absolute()
         assert_colour(out / row["image"], GOOD[row["caption"]])
-    images, captions = read_caption_csv(str(out / "train.csv"), "image", "caption", ",")
+    images, captions = read_caption_csv(str(out / "train.csv"), CsvLayout("image", "caption", ","))
     assert sorted(captions) == sorted(GOOD) and all(Path(p).is_file() for p in images)
 
 

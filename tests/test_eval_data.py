@@ -10,6 +10,7 @@ import torchvision
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
+from rankclip.config import CsvLayout
 from rankclip.config import EVAL_DATA_TYPES, ConfigError
 from rankclip.eval_data import (IMAGENET_FAMILY, TORCHVISION_SETS, collate_labeled, imagenet_wnids,
                                 load_eval_set, load_retrieval_set, parse_classes_file)
@@ -164,7 +165,7 @@ def test_retrieval_csv_groups_captions_by_image(tmp_path):
         write_png(tmp_path / f"{name}.png", 1)
     (tmp_path / "test.csv").write_text("image,caption\na.png,one\nb.png,two\na.png,three\nc.png,four\n"
                                        "b.png,five\n")
-    data = load_retrieval_set(tmp_path / "test.csv", "image", "caption", ",", to_tensor)
+    data = load_retrieval_set(tmp_path / "test.csv", CsvLayout(), to_tensor)
     assert data.name == "test" and len(data.images) == 3
     assert data.captions == ["one", "two", "three", "four", "five"]
     assert data.caption_image.tolist() == [0, 1, 0, 2, 1]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rankclip.config import Config
+from rankclip.config import Config, ModelConfig, ObjectiveConfig
 from rankclip.distributed import Runtime
 from rankclip.eval_data import build_labeled_loader, load_eval_set
-from rankclip.evaluate import Evaluator, ZeroShotTask, zero_shot_classifier
+from rankclip.evaluate import EvalTasks, Evaluator, ZeroShotTask, zero_shot_classifier
 from rankclip.logger import RunLogger, log
 from rankclip.losses import build_loss
 from rankclip.main import build_evaluator
@@ -35,7 +35,7 @@ def propagating(logger: logging.Logger):
 
 def test_zero_shot_agrees_with_open_clip(colour_data):
     torch.manual_seed(0)
-    bundle = build_model("tiny-vit")
+    bundle = build_model(ModelConfig(model_name="tiny-vit"))
     model = bundle.model.eval()
     data = load_eval_set("ImageNet1K", colour_data["zeroshot"], bundle.val_transform)
     classes, templates = data.require_prompts()
@@ -44,12 +44,12 @@ def test_zero_shot_agrees_with_open_clip(colour_data):
     theirs = open_clip.build_zero_shot_classifier(model, bundle.tokenizer, classes, templates, device=CPU)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
-    loader = build_labeled_loader(data.dataset, batch_size=16, num_workers=0, pin_memory=False)
-    evaluator = Evaluator(device=CPU, autocast=contextlib.nullcontext, loss_fn=None, validation_loader=None,
-                          tokenizer=bundle.tokenizer, logger=None)
+    loader = build_labeled_loader(data.dataset, Runtime(), batch_size=16, num_workers=0)
+    evaluator = Evaluator(EvalTasks(), Runtime(), validation_loader=None, loss_fn=None, tokenizer=bundle.tokenizer,
+                          logger=None, precision="fp32")
     metrics = evaluator.zero_shot(model, ZeroShotTask("ImageNet1K", loader, classes, templates))
     with torch.no_grad():
-        images, labels, _ = next(iter(build_labeled_loader(data.dataset, 64, 0, False)))
+        images, labels, _ = next(iter(build_labeled_loader(data.dataset, Runtime(), 64, 0)))
         predictions = (model.encode_image(images, normalize=True) @ theirs).argmax(dim=1)
     assert metrics["zeroshot_top1"] == (predictions == labels).float().mean().item()
     assert metrics["num_samples"] == 64 and metrics["num_classes"] == 4
@@ -81,14 +81,14 @@ def test_validation_skips_unreadable_rows_and_its_loss_ignores_batch_size(colour
                                                                          monkeypatch):
     monkeypatch.setattr("rankclip.evaluate.VALIDATION_LOSS_BATCH", 40)  # 65 pairs: loss batches of 33 and 32
     torch.manual_seed(0)
-    bundle = build_model("tiny-vit")
+    bundle = build_model(ModelConfig(model_name="tiny-vit"))
     model = bundle.model.eval()
     path, readable = validation_csv(colour_data, tmp_path)
-    loss_fn = build_loss("rankclip", gather=False)
     results = []
     for batch_size in (64, 8):
-        cfg = Config(validation_data=str(path), batch_size=batch_size, model_name="tiny-vit", num_workers=0, name="v")
-        evaluator = build_evaluator(cfg, Runtime(), bundle, loss_fn, RunLogger(cfg, enabled=False))
+        cfg = Config.from_dict(dict(validation_data=str(path), batch_size=batch_size, model_name="tiny-vit",
+                                    num_workers=0, name="v"))
+        evaluator = build_evaluator(cfg, Runtime(), bundle, RunLogger(cfg.run, cfg.to_dict(), enabled=False))
         with caplog.at_level(logging.WARNING, logger="rankclip"), propagating(log):
             results.append(evaluator.validation(model, rank_weight=1.5))
         assert "validation: skipped 2 unreadable images, e.g." in caplog.text
@@ -105,6 +105,7 @@ def test_validation_skips_unreadable_rows_and_its_loss_ignores_batch_size(colour
                               for i in readable])
         texts = bundle.tokenizer([lines[i].split(",", 1)[1] for i in readable])
         image_features, text_features, scale = model(images, texts)
+        loss_fn = build_loss(ObjectiveConfig(), gather=False)
         parts = [loss_fn(image_features[rows], text_features[rows], scale, rank_weight=1.5)
                  for rows in (slice(0, 33), slice(33, 65))]
     for key in parts[0]:

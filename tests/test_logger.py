@@ -2,7 +2,7 @@
 
 import json
 
-from rankclip.config import Config
+from rankclip.config import RunConfig
 from rankclip.logger import RunLogger
 
 
@@ -15,7 +15,7 @@ class FakeRun:
 
 
 def test_each_eval_set_gets_its_own_wandb_keys_and_record(tmp_path):
-    logger = RunLogger(Config(logs=str(tmp_path), name="run"))
+    logger = RunLogger(RunConfig(logs=str(tmp_path), name="run"), {})
     logger.wandb = FakeRun()
     logger.results(1, "eval", {"zeroshot_top1": 0.5, "eval_data_type": "CIFAR10"})
     logger.results(1, "eval", {"zeroshot_top1": 0.7, "eval_data_type": "ImageNet1K"})
@@ -31,7 +31,7 @@ def test_each_eval_set_gets_its_own_wandb_keys_and_record(tmp_path):
 
 
 def test_rewind_forgets_what_was_recorded_after_the_checkpoint(tmp_path):
-    logger = RunLogger(Config(logs=str(tmp_path), name="run"))
+    logger = RunLogger(RunConfig(logs=str(tmp_path), name="run"), {})
     for epoch in range(3):
         logger.results(epoch, "validation", {"loss": 3.0 - epoch})
     for step in range(1, 6):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rankclip.config import ObjectiveConfig
 from rankclip.losses import (ClipLoss, CyClipLoss, RankCLIPLoss, _argsort_rows, build_loss, default_chunk_size,
                              plackett_luce_nll, rank_weight)
 
@@ -291,14 +292,15 @@ def test_constant_and_unknown_rank_weight_schedules():
 
 
 def test_build_loss():
-    rank = build_loss("rankclip", lambda1=0.1, lambda2=0.2, rank_eps=0.0, cylambda1=0.3, cylambda2=0.4)
+    weights = dict(lambda1=0.1, lambda2=0.2, rank_eps=0.0, cylambda1=0.3, cylambda2=0.4)
+    rank = build_loss(ObjectiveConfig(loss="rankclip", **weights))
     assert isinstance(rank, RankCLIPLoss) and (rank.lambda1, rank.lambda2, rank.eps) == (0.1, 0.2, 0.0)
-    cyclic = build_loss("cyclip", lambda1=0.1, lambda2=0.2, rank_eps=0.0, cylambda1=0.3, cylambda2=0.4)
+    cyclic = build_loss(ObjectiveConfig(loss="cyclip", **weights))
     assert isinstance(cyclic, CyClipLoss) and (cyclic.cylambda1, cyclic.cylambda2) == (0.3, 0.4)
-    clip = build_loss("clip", 0.1, 0.2, 0.0, 0.3, 0.4, chunk_size=7)
+    clip = build_loss(ObjectiveConfig(loss="clip", **weights), chunk_size=7)
     assert type(clip) is ClipLoss and clip.chunk_size == 7
     with pytest.raises(ValueError, match="unknown loss"):
-        build_loss("siglip", 0.1, 0.2, 0.0, 0.3, 0.4)
+        build_loss(ObjectiveConfig(loss="siglip", **weights))
 
 
 def test_loss_matmuls_run_without_tf32_and_restore_the_setting(monkeypatch):

@@ -10,6 +10,7 @@ import torch
 import rankclip.models  # noqa: F401  (registers configs/ with open_clip)
 from rankclip.main import main
 from rankclip.checkpoint import restore_optimizer
+from rankclip.config import OptimConfig
 from rankclip.optim import build_optimizer, grouped_names, state_by_name
 
 # OpenAI's CLIP code, which CyCLIP and the original RankCLIP keep, registers a block's modules so.
@@ -67,7 +68,7 @@ def test_original_optimizer_state_maps_by_name():
     assert saved_order != list(model.state_dict())  # the layouts really differ
     mapped, reason = state_by_name(checkpoint["optimizer"], saved_order, model)
     assert mapped is not None, reason
-    optimizer = build_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.1)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3))
     optimizer.load_state_dict(mapped)
     for name, param in model.named_parameters():
         assert torch.equal(optimizer.state[param]["exp_avg"], moments[name]), name
@@ -123,7 +124,7 @@ def test_the_optimizer_is_fused_and_stays_fused_after_loading_an_unfused_state()
     checkpoint, _ = original_checkpoint(model)
     reference = tiny_vit()
     reference.load_state_dict(model.state_dict())
-    optimizer = build_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.1)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3))
     restore_optimizer(checkpoint, model, optimizer)
     assert [group["fused"] for group in optimizer.param_groups] == [True, True]
     # The fused step equals torch's for-loop AdamW on the same state, to float rounding.

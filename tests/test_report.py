@@ -15,9 +15,9 @@ EPOCHS = 2
 def write_run(folder, records, **settings):
     """A run folder as RunLogger leaves it: params.txt of every Config key, results.jsonl."""
     folder.mkdir(parents=True)
-    values = Config(name=folder.name, model_name="tiny-vit", train_data="/data/train.csv",
-                    validation_data="/data/val.csv", eval_data_type=("ImageNet1K",),
-                    eval_test_data_dir=("/data/zeroshot",), epochs=EPOCHS).to_dict() | settings
+    values = Config.from_dict(dict(name=folder.name, model_name="tiny-vit", train_data="/data/train.csv",
+                                   validation_data="/data/val.csv", eval_data_type=("ImageNet1K",),
+                                   eval_test_data_dir=("/data/zeroshot",), epochs=EPOCHS)).to_dict() | settings
     (folder / "params.txt").write_text("".join(f"{k}: {v}\n" for k, v in sorted(values.items())))
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder

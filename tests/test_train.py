@@ -1,16 +1,18 @@
 import math
+from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
 
-from rankclip.config import Config
+from rankclip.checkpoint import Checkpointer, TrainState
+from rankclip.config import CheckpointsConfig, ObjectiveConfig, OptimConfig, RunConfig, TrainingConfig
 from rankclip.distributed import Runtime
 from rankclip.logger import RunLogger
-from rankclip.losses import build_loss
+from rankclip.losses import RankWeightSchedule, build_loss
 from rankclip.optim import build_optimizer
-from rankclip.train import (CPU_AMP_ENV, MAX_LOGIT_SCALE, CosineSchedule, DataError, FailureCounter, Trainer,
-                            build_scaler)
+from rankclip.precision import CPU_AMP_ENV, build_scaler
+from rankclip.train import MAX_LOGIT_SCALE, CosineSchedule, DataError, FailureCounter, Schedules, Trainer
 
 
 def test_schedule_warms_up_from_step_zero_and_ends_at_zero():
@@ -51,7 +53,7 @@ def test_optimizer_excludes_norms_biases_and_logit_scale_from_weight_decay():
             self.downsample = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.BatchNorm2d(4))
 
     model = Tiny()
-    optimizer = build_optimizer(model, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, beta2=0.98, eps=1e-6, weight_decay=0.2))
     decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     # The seed's rule goes by name only: a 1-D class embedding and a BatchNorm named "downsample.1"
     # are decayed, as in the seed and CyCLIP, so their optimizer states keep their groups' sizes.
@@ -105,12 +107,13 @@ def tiny_trainer(steps: int, accum_freq: int = 1, precision: str = "fp32", compi
                  data: Optional[ListData] = None) -> Trainer:
     torch.manual_seed(0)
     model, runtime = TinyTowers(), Runtime()
-    cfg = Config(accum_freq=accum_freq, precision=precision, log_every_n_steps=1000, name="tiny")
-    return Trainer(model=runtime.wrap(model, compile=compile), unwrapped=model,
-                   optimizer=build_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.1),
-                   scaler=build_scaler(runtime.device, precision), schedule=CosineSchedule(1e-3, 2, 100),
-                   loss_fn=build_loss("rankclip"), data=data or ListData(steps, accum_freq), evaluator=None,
-                   checkpointer=None, logger=RunLogger(cfg, enabled=False), runtime=runtime, cfg=cfg)
+    training = TrainingConfig(accum_freq=accum_freq, precision=precision, log_every_n_steps=1000)
+    state = TrainState(model, runtime.wrap(model, compile=compile), build_optimizer(model, OptimConfig(lr=1e-3)),
+                       build_scaler(runtime.device, precision))
+    schedules = Schedules(lr=CosineSchedule(1e-3, 2, 100), rank_weight=RankWeightSchedule("reference", 64))
+    checkpointer = Checkpointer(CheckpointsConfig(), Path("unused"), runtime, record={})  # saves nothing
+    return Trainer(training, runtime, state, schedules, build_loss(ObjectiveConfig()), data or ListData(steps, accum_freq),
+                   evaluator=None, checkpointer=checkpointer, logger=RunLogger(RunConfig(name="tiny"), {}, enabled=False))
 
 
 def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -133,21 +136,21 @@ def test_cpu_runs_fp32_whatever_the_precision_flag(monkeypatch):
     monkeypatch.delenv(CPU_AMP_ENV, raising=False)
     trainer = tiny_trainer(2, precision="amp")
     dtypes = []
-    trainer.unwrapped.image.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    trainer.state.model.image.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     trainer.train_epoch(epoch=1, weight=1.0)
-    assert trainer.scaler is None and dtypes == [torch.float32] * 2
+    assert trainer.state.scaler is None and dtypes == [torch.float32] * 2
 
 
 def test_amp_bf16_on_the_cpu_runs_the_towers_in_bf16(monkeypatch):
     monkeypatch.setenv(CPU_AMP_ENV, "1")
     trainer = tiny_trainer(3, precision="amp_bf16")
     dtypes = []
-    trainer.unwrapped.image.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
-    before = parameters(trainer.unwrapped)
+    trainer.state.model.image.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    before = parameters(trainer.state.model)
     metrics = trainer.train_epoch(epoch=1, weight=1.0)
-    assert trainer.scaler is None and dtypes == [torch.bfloat16] * 3
+    assert trainer.state.scaler is None and dtypes == [torch.bfloat16] * 3
     assert math.isfinite(metrics["loss"])
-    assert not torch.equal(before["image.weight"], trainer.unwrapped.image.weight)
+    assert not torch.equal(before["image.weight"], trainer.state.model.image.weight)
 
 
 class Recording(ListData):
@@ -163,8 +166,8 @@ class Recording(ListData):
             trainer = self.trainer_ref[0]
             if step == self.poke:
                 with torch.no_grad():
-                    trainer.unwrapped.logit_scale.fill_(5.0)
-            self.before.append((parameters(trainer.unwrapped), trainer.scaler.get_scale()))
+                    trainer.state.model.logit_scale.fill_(5.0)
+            self.before.append((parameters(trainer.state.model), trainer.state.scaler.get_scale()))
             yield batch
 
 
@@ -177,24 +180,24 @@ def test_fp16_scaler_on_the_cpu_skips_an_overflowing_step(monkeypatch):
     data.batches[2]["image"][0, 0, 0, 0] = float("inf")
     trainer = tiny_trainer(4, precision="amp", data=data)
     ref.append(trainer)
-    assert isinstance(trainer.scaler, torch.amp.GradScaler)
+    assert isinstance(trainer.state.scaler, torch.amp.GradScaler)
     # The default first scale, 2^16, overflows this model's fp16 gradients until it has backed off;
     # start where finite steps stay finite, so that only the inf batch overflows.
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer.state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     metrics = trainer.train_epoch(epoch=1, weight=1.0)
     (at_2, scale_2), (at_3, scale_3) = data.before[2], data.before[3]
     assert scale_3 == scale_2 / 2 and data.before[1][1] == scale_2  # only the overflowing step halves it
     assert at_2["logit_scale"].item() == 5.0 and at_3["logit_scale"].item() == pytest.approx(MAX_LOGIT_SCALE)
     assert all(torch.equal(at_2[k], at_3[k]) for k in at_2 if k != "logit_scale")  # the step was skipped
     assert not torch.equal(data.before[1][0]["image.weight"], at_2["image.weight"])  # steps before it were not
-    assert not torch.equal(at_3["image.weight"], trainer.unwrapped.image.weight)  # nor the one after it
-    assert trainer.step == 4 and metrics["lr"] == trainer.schedule(3)
+    assert not torch.equal(at_3["image.weight"], trainer.state.model.image.weight)  # nor the one after it
+    assert trainer.state.step == 4 and metrics["lr"] == trainer.schedules.lr(3)
 
 
 def test_compiled_model_trains_like_the_eager_one():
     eager, compiled = tiny_trainer(3), tiny_trainer(3, compile=True)
     for trainer in (eager, compiled):
         trainer.train_epoch(epoch=1, weight=1.0)
-    assert compiled.model is not compiled.unwrapped  # torch.compile's wrapper ran the steps
-    for key, value in parameters(eager.unwrapped).items():
-        torch.testing.assert_close(parameters(compiled.unwrapped)[key], value, rtol=1e-4, atol=1e-5)
+    assert compiled.state.wrapped is not compiled.state.model  # torch.compile's wrapper ran the steps
+    for key, value in parameters(eager.state.model).items():
+        torch.testing.assert_close(parameters(compiled.state.model)[key], value, rtol=1e-4, atol=1e-5)

@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rankclip.checkpoint import Checkpointer, training_state  # noqa: E402
-from rankclip.config import Config  # noqa: E402
+from rankclip.checkpoint import Checkpointer, TrainState, training_state  # noqa: E402
+from rankclip.config import CheckpointsConfig, Config, OptimConfig  # noqa: E402
+from rankclip.distributed import Runtime  # noqa: E402
 from rankclip.models import resolve_model_name  # noqa: E402
 from rankclip.optim import build_optimizer  # noqa: E402
 from rankclip.rankstate import capture_rng  # noqa: E402
@@ -37,23 +38,24 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     model = open_clip.create_model(resolve_model_name(args.model_name), device=device)
-    optimizer = build_optimizer(model, 1e-4, (0.9, 0.98), 1e-6, 0.1)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-4, beta2=0.98, eps=1e-6))
     for p in model.parameters():  # one step, so that the Adam moments exist as in a real run
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    cfg = Config(name="bench", model_name=args.model_name)
+    cfg = Config.from_dict({"name": "bench", "model_name": args.model_name})
+    record = {"name": "bench", "model_name": args.model_name, "config": cfg.to_dict()}
     params = sum(p.numel() for p in model.parameters()) / 1e6
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        checkpointer = Checkpointer(Path(folder))
+        checkpointer = Checkpointer(CheckpointsConfig(), Path(folder), Runtime(device=device), record)
         print("| model | parameters | file | device | blocks the step | background write |")
         print("| --- | --- | --- | --- | --- | --- |")
         blocked, written = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            state = training_state(epoch=0, step=1, position={"epoch": 1, "steps_done": 1, "seen": 1}, cfg=cfg,
-                                   model=model, optimizer=optimizer, scaler=None,
+            state = training_state(TrainState(model, model, optimizer, None, step=1), epoch=0,
+                                   position={"epoch": 1, "steps_done": 1, "seen": 1}, record=record,
                                    rank_states=[{"rng": capture_rng(device)}])
-            checkpointer.save(state)
+            checkpointer.write(state)
             blocked.append(time.perf_counter() - start)
             checkpointer.wait()
             written.append(time.perf_counter() - start - blocked[-1])

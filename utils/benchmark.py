@@ -84,7 +84,9 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rankclip.data import SampleMaker  # noqa: E402
+from rankclip.config import DataConfig, ModelConfig  # noqa: E402
+from rankclip.data import Batches, SampleMaker, SampleSource  # noqa: E402
+from rankclip.distributed import Runtime  # noqa: E402
 from rankclip.loaders import build_train_data  # noqa: E402
 from rankclip.losses import RankCLIPLoss, default_chunk_size  # noqa: E402
 
@@ -273,7 +275,7 @@ def build_pipeline(args: argparse.Namespace) -> tuple[DataLoader, Callable[[int]
     from open_clip_train.data import CsvDataset
     from rankclip.models import build_model
 
-    bundle = build_model(args.model, device=torch.device("meta"))  # only its transforms and tokenizer are used
+    bundle = build_model(ModelConfig(model_name=args.model), device=torch.device("meta"))  # only its transforms and tokenizer are used
     folder, shards = args.out, args.worker == "shards"
     for path in sorted((folder / "shards").glob("*.tar") if shards else (folder / "images").glob("*.jpg")):
         path.read_bytes()
@@ -285,11 +287,11 @@ def build_pipeline(args: argparse.Namespace) -> tuple[DataLoader, Callable[[int]
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                             drop_last=True)
         return loader, lambda epoch: None, lambda batch: len(batch[0])
-    data = build_train_data(
-        shard_pattern(folder, args.images) if shards else table, dataset_type="webdataset" if shards else "csv",
-        num_samples=args.images, image_key="filepath", caption_key="title", delimiter="\t",
-        make_sample=SampleMaker(bundle.train_transform, bundle.tokenizer), seed=0, global_batch=args.batch_size,
-        rank=0, world=1, num_workers=args.workers, pin_memory=False, micro_batches=1, min_size=bundle.image_size)
+    source = DataConfig(train_data=shard_pattern(folder, args.images) if shards else table,
+                        dataset_type="webdataset" if shards else "csv", train_num_samples=args.images if shards else None,
+                        delimiter="\t", image_key="filepath", caption_key="title", num_workers=args.workers)
+    data = build_train_data(source, Runtime(), SampleSource(SampleMaker(bundle.train_transform, bundle.tokenizer),
+                                                            bundle.image_size), Batches(args.batch_size, seed=0))
     return data.loader, data.set_epoch, lambda batch: len(batch["image"])
 
 
