@@ -224,6 +224,21 @@ def start_and_wait_for_step(cmd, run_dir, step):
     raise AssertionError(f"the run never reached step {step}: {proc.communicate()[0][-3000:]}")
 
 
+def kill_9_every_process(proc, name: str) -> None:
+    """SIGKILL the launcher and every rank of run `name`: torchrun starts each worker in a session of its
+    own, so killing the launcher's process group alone leaves the ranks running (and writing)."""
+    ranks = subprocess.run(["pgrep", "-f", "--", f"--name {name}"], capture_output=True, text=True).stdout.split()
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while subprocess.run(["pgrep", "-f", "--", f"--name {name}"], capture_output=True).returncode == 0:
+        assert time.time() < deadline, f"a rank of {name} outlived SIGKILL"
+        time.sleep(0.1)
+
+
 def random_mid_epoch_step() -> int:
     """A step inside epoch 1 or 2 (8 steps each), drawn afresh every time (in-process runs seed `random`).
 
@@ -269,8 +284,7 @@ def test_two_processes_killed_resume_on_two_exactly_and_on_one_within_float_prec
     step = random_mid_epoch_step()
     cmd = run_life_command(colour_data, logs, "killed2", 2, "--save_every_steps", "1")
     proc = start_and_wait_for_step(cmd, logs / "killed2", step)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_9_every_process(proc, "killed2")
     shutil.copytree(logs / "killed2", logs / "shrunk")
     again = run(cmd + ["--resume", "latest"])
     assert again.returncode == 0, again.stderr[-3000:]
