@@ -223,7 +223,7 @@ def test_empty_csv_is_refused(colour_data, tmp_path, capsys):
 def test_pretrained_path_loads_a_local_file_and_openai_needs_the_cache(trained, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from rankclip.config import ConfigError
+    from rankclip.config import ConfigError, ModelConfig
     from rankclip.models import build_model
 
     weights = trained / "checkpoints" / "epoch_1.pt"
