@@ -52,7 +52,7 @@ def default_chunk_size(device: torch.device, columns: int) -> int:
     2^19 similarities per chunk (a chunk's several rows × N arrays then stay near the cache), within
     [64, 128] rows: fewer rows make the per-operation overhead dominate, more spill the cache.
     Measured on a busy 2-core CPU, forward + backward at d = 512 on one thread, best of 2 (sweep:
-    `utils/benchmark.py loss --chunk_size auto 64 128 256 512`): 64 and 128 rows were the fastest
+    `utils/bench_loss.py --chunk_size auto 64 128 256 512`): 64 and 128 rows were the fastest
     of 32 ... 4096 at N = 512 ... 4096, 256 rows (the earlier fixed size) 15-60% slower, 32 rows
     up to 60% slower at N = 4096; repeated runs there differ by up to 2x, so re-measure on a
     quiet machine before narrowing the range.
