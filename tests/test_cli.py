@@ -12,6 +12,8 @@ from rankclip.main import main
 
 from conftest import write_zeroshot_folder
 
+pytestmark = pytest.mark.e2e
+
 EPOCHS = 4
 
 

@@ -29,6 +29,7 @@ def test_odd_step_count_is_refused(tmp_path):
     assert result.returncode == 2 and "STEPS must be an even number" in result.stderr
 
 
+@pytest.mark.e2e
 def test_cpu_smoke_run_prints_a_row_per_objective(tmp_path):
     result = run_script(tmp_path, DEVICE="cpu", GPUS="1", MODEL="tiny-vit", BATCH_PER_GPU="8", STEPS="2",
                         WORKERS="0", BENCH_MODEL="tiny-vit", BENCH_STEPS="6", BENCH_PAIRS="1")
