@@ -9,8 +9,8 @@ REQUIREMENTS = [line.split("#")[0].strip() for line in (ROOT / "requirement.txt"
 # utils/download.py (CC3M / CC12M). img2dataset itself pins webdataset < 0.3 and pandas < 3, so
 # installing this extra moves those two back; CI tests the code under both resolutions.
 DOWNLOAD = ["img2dataset>=1.47"]
-# utils/benchmark.py compares against open_clip_train, which ships inside open_clip_torch; these are
-# the imports it needs beyond requirement.txt. (open_clip_torch[training] would also bring them, but it
+# utils/bench_data.py and utils/bench_train.py compare against open_clip_train, which ships inside
+# open_clip_torch; these are the imports it needs beyond requirement.txt. (open_clip_torch[training] would also bring them, but it
 # pins webdataset<=0.2.86 and pulls in transformers, which open_clip_train's CLIP runs never use.)
 # The tests run the benchmarks, so the test extra includes them.
 BENCH = ["braceexpand>=0.1.7", "fsspec>=2023.1"]

@@ -133,6 +133,7 @@ def test_sampler_refuses_a_step_batch_larger_than_the_data():
         GlobalBatchSampler(64, 32, seed=0, micro_batches=4)
 
 
+@pytest.mark.e2e
 def test_accum_freq_run_takes_the_steps_of_the_large_batch_run(colour_data, tmp_path):
     """Through the CLI: --batch_size 16 --accum_freq 2 trains like --batch_size 32."""
     common = ["--loss", "rankclip", "--rank_schedule", "constant", "--epochs", "1", "--lr", "5e-5"]

@@ -1,4 +1,4 @@
-"""utils/benchmark.py data: a tiny end-to-end run prints its table with a rate for every pipeline."""
+"""utils/bench_data.py: a tiny end-to-end run prints its table with a rate for every pipeline."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "utils" / "benchmark.py"
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = Path(__file__).resolve().parents[1] / "utils" / "bench_data.py"
 
 
 def test_data_benchmark_prints_a_rate_per_pipeline():
     # Most of its time is the three subprocesses importing open_clip.
-    done = subprocess.run([sys.executable, str(SCRIPT), "data", "--images", "16", "--workers", "0",
+    done = subprocess.run([sys.executable, str(SCRIPT), "--images", "16", "--workers", "0",
                            "--batch_size", "4", "--repeats", "1", "--model", "tiny-vit"],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr

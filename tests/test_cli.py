@@ -35,6 +35,7 @@ def trained(colour_data, tmp_path_factory):
     return logs / "trained"
 
 
+@pytest.mark.e2e
 def test_run_folder_has_the_contract_files(trained):
     assert {p.name for p in trained.iterdir()} >= {"output.log", "params.txt", "results.jsonl", "checkpoints"}
     names = {p.name for p in (trained / "checkpoints").iterdir()}
@@ -47,6 +48,7 @@ def test_run_folder_has_the_contract_files(trained):
     assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
 def test_results_cover_every_epoch_and_split(trained):
     rows = records(trained)
     assert {(r["epoch"], r["split"]) for r in rows} == (
@@ -57,6 +59,7 @@ def test_results_cover_every_epoch_and_split(trained):
     assert all(r["skipped_samples"] == 0 for r in train)
 
 
+@pytest.mark.e2e
 def test_zero_shot_accuracy_rises_above_chance(trained):
     evals = [r for r in records(trained) if r["split"] == "eval"]
     assert evals[-1]["num_classes"] == 4 and evals[-1]["eval_data_type"] == "ImageNet1K"
@@ -66,6 +69,7 @@ def test_zero_shot_accuracy_rises_above_chance(trained):
     assert evals[-1]["zeroshot_top10"] == 1.0  # k beyond the class count is capped
 
 
+@pytest.mark.e2e
 def test_checkpoint_loads_strictly_into_open_clip(trained):
     ckpt = read_checkpoint(trained / "checkpoints" / "epoch_latest.pt")
     assert ckpt["epoch"] == EPOCHS and ckpt["name"] == "trained" and ckpt["model_name"] == "tiny-vit"
@@ -75,6 +79,7 @@ def test_checkpoint_loads_strictly_into_open_clip(trained):
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
 
 
+@pytest.mark.e2e
 def test_resume_is_bit_exact(trained, colour_data, tmp_path):
     resumed = tmp_path / "resumed" / "checkpoints"
     resumed.mkdir(parents=True)
@@ -90,6 +95,7 @@ def test_resume_is_bit_exact(trained, colour_data, tmp_path):
     assert [r["epoch"] for r in records(tmp_path / "resumed") if r["split"] == "train"] == [3, 4]
 
 
+@pytest.mark.e2e
 def test_evaluation_only_run_reproduces_the_training_eval(trained, colour_data, tmp_path):
     argv = ["--checkpoint", str(trained / "checkpoints" / "epoch_3.pt"), "--model_name", "tiny-vit",
             "--eval_data_type", "ImageNet1K", "--eval_test_data_dir", str(colour_data["zeroshot"]),
@@ -101,6 +107,7 @@ def test_evaluation_only_run_reproduces_the_training_eval(trained, colour_data, 
     assert not (tmp_path / "eval" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_evaluation_only_run_with_several_sets_retrieval_and_analysis(trained, colour_data, tmp_path):
     zeroshot = str(colour_data["zeroshot"])
     argv = ["--checkpoint", str(trained / "checkpoints" / f"epoch_{EPOCHS}.pt"), "--model_name", "tiny-vit",
@@ -122,6 +129,7 @@ def test_evaluation_only_run_with_several_sets_retrieval_and_analysis(trained, c
     assert retrieval["image_to_text_R@1"] <= retrieval["image_to_text_R@5"] <= retrieval["image_to_text_R@10"]
 
 
+@pytest.mark.e2e
 def test_linear_probe_of_the_trained_features(trained, colour_data, tmp_path):
     train_split = write_zeroshot_folder(tmp_path / "probe_train", count=64, seed=11)
     argv = ["--checkpoint", str(trained / "checkpoints" / f"epoch_{EPOCHS}.pt"), "--model_name", "tiny-vit",
@@ -135,6 +143,7 @@ def test_linear_probe_of_the_trained_features(trained, colour_data, tmp_path):
     assert "zeroshot_top1" not in record
 
 
+@pytest.mark.e2e
 def test_caltech101_probe_is_tested_on_held_out_images_with_both_accuracies(trained, caltech101_root, tmp_path):
     """One torchvision Caltech101 root for both folders: the probe trains on 30 images per class and is
     tested on the other 17, and the record and the log say how they were drawn."""
@@ -150,6 +159,7 @@ def test_caltech101_probe_is_tested_on_held_out_images_with_both_accuracies(trai
     assert record["eval_split"] in (tmp_path / "caltech" / "output.log").read_text()
 
 
+@pytest.mark.e2e
 def test_training_from_webdataset_shards(colour_data, colour_shards, tmp_path, capsys):
     argv = flags(dict(colour_data, train=colour_shards), tmp_path, "shards", "--train_num_samples", "256")
     assert main(argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]) == 0
@@ -163,6 +173,7 @@ def test_training_from_webdataset_shards(colour_data, colour_shards, tmp_path, c
     assert "--train_num_samples is required with webdataset shards" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_checkpoint_of_another_model_is_one_line(trained, tmp_path, capsys):
     argv = ["--checkpoint", str(trained / "checkpoints" / "epoch_1.pt"), "--model_name", "tiny-rn",
             "--logs", str(tmp_path), "--name", "wrong", "--device", "cpu"]
@@ -171,6 +182,7 @@ def test_checkpoint_of_another_model_is_one_line(trained, tmp_path, capsys):
     assert len(err) == 1 and "does not match the model: missing" in err[0] and "check --model_name" in err[0]
 
 
+@pytest.mark.e2e
 def test_existing_run_is_not_overwritten(trained, colour_data, capsys):
     assert main(flags(colour_data, trained.parent, "trained")) == 2
     assert "already holds checkpoints; pass --resume latest" in capsys.readouterr().err
@@ -220,6 +232,7 @@ def test_empty_csv_is_refused(colour_data, tmp_path, capsys):
     assert "the file is empty" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_pretrained_path_loads_a_local_file_and_openai_needs_the_cache(trained, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -239,6 +252,7 @@ def test_pretrained_path_loads_a_local_file_and_openai_needs_the_cache(trained, 
         build_model(ModelConfig(model_name="RN50", pretrained="openai"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("objective", [
     ["--loss", "rankclip", "--lambda1", "0.1", "--rank_schedule", "constant"],
     ["--loss", "cyclip", "--cylambda1", "0.25", "--cylambda2", "0.25"],
@@ -253,6 +267,7 @@ def test_every_objective_trains_end_to_end(colour_data, tmp_path, objective):
     assert all(train[k] > 0 for k in parts)
 
 
+@pytest.mark.e2e
 def test_wandb_logs_offline(colour_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -270,6 +285,7 @@ def ranked(colour_data, tmp_path_factory):
     return logs / "ranked"
 
 
+@pytest.mark.e2e
 def test_best_checkpoint_is_chosen_by_the_contrastive_loss(ranked):
     validation = {r["epoch"]: r for r in records(ranked) if r["split"] == "validation" and r["epoch"] > 0}
     best_epoch = min(validation, key=lambda e: validation[e]["contrastive_loss"])
@@ -280,6 +296,7 @@ def test_best_checkpoint_is_chosen_by_the_contrastive_loss(ranked):
     assert best["best_value"] == validation[best_epoch]["contrastive_loss"]
 
 
+@pytest.mark.e2e
 def test_evaluation_only_takes_the_rank_weight_from_the_checkpoint(ranked, colour_data, tmp_path):
     argv = ["--checkpoint", str(ranked / "checkpoints" / "epoch_2.pt"), "--model_name", "tiny-vit",
             "--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--batch_size", "32", "--logs", str(tmp_path), "--name", "eval", "--num_workers", "0", "--device", "cpu"]
@@ -289,6 +306,7 @@ def test_evaluation_only_takes_the_rank_weight_from_the_checkpoint(ranked, colou
     assert result[0]["loss"] == pytest.approx(during["loss"], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_resume_refuses_changed_settings_naming_each(trained, colour_data, tmp_path, capsys):
     folder = tmp_path / "changed" / "checkpoints"
     folder.mkdir(parents=True)
@@ -310,6 +328,7 @@ def run_folder_with(tmp_path, name, files: dict):
         (folder / filename).write_bytes(content)
     return folder
 
+@pytest.mark.e2e
 
 @pytest.mark.parametrize("latest", ["truncated", "foreign"])
 def test_a_broken_epoch_latest_points_at_the_epoch_checkpoint(trained, colour_data, tmp_path, capsys, latest):
@@ -327,6 +346,7 @@ def test_a_broken_epoch_latest_points_at_the_epoch_checkpoint(trained, colour_da
     assert len(err) == 1 and err[0].endswith(f"continue from the last epoch checkpoint with --resume {folder}/epoch_2.pt")
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_of_another_run_is_refused_naming_the_differences(trained, colour_data, tmp_path, capsys):
     other = flags(dict(colour_data, train=colour_data["validation"]), tmp_path, "other", "--model_name", "tiny-rn",
                   "--batch_size", "16", "--resume", str(trained / "checkpoints" / "epoch_2.pt"), evaluate=False)

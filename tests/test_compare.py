@@ -182,6 +182,7 @@ def test_a_started_cell_with_other_settings_is_refused(colour_data, tmp_path):
         parse_study(study_flags(colour_data, tmp_path, "seed=0"))
 
 
+@pytest.mark.e2e
 def test_tiny_study_end_to_end(colour_data, tmp_path, capsys):
     """2 objectives x 2 seeds through the CLI, the report, then a re-run after a real interruption."""
     argv = study_flags(colour_data, tmp_path, "loss=clip,rankclip", "seed=0,1")

@@ -16,6 +16,8 @@ import torch
 
 from rankclip.checkpoint import read_checkpoint
 
+pytestmark = pytest.mark.e2e
+
 TIMEOUT = 300
 
 

@@ -130,6 +130,7 @@ def cc3m(server, tmp_path_factory) -> dict:
     return {"tsv": tsv, "out": out, "result": result, "requests": server.requests[seen:]}
 
 
+@pytest.mark.e2e
 def test_csv_lists_exactly_the_good_images_with_their_captions(cc3m):
     assert cc3m["result"].returncode == 0, cc3m["result"].stderr
     assert "layout cc3m" in cc3m["result"].stdout
@@ -144,6 +145,7 @@ def test_csv_lists_exactly_the_good_images_with_their_captions(cc3m):
     assert sorted(captions) == sorted(GOOD) and all(Path(p).is_file() for p in images)
 
 
+@pytest.mark.e2e
 def test_every_url_fetched_once_and_failures_counted_by_reason(cc3m):
     assert sorted(cc3m["requests"]) == sorted(url for _, url in CC3M_ROWS)
     stdout = cc3m["result"].stdout
@@ -152,6 +154,7 @@ def test_every_url_fetched_once_and_failures_counted_by_reason(cc3m):
         assert f"download:   {reason}\n" in stdout, stdout
 
 
+@pytest.mark.e2e
 def test_resume_fetches_only_unfinished_shards(cc3m, server):
     out = cc3m["out"]
     (out / "00001_stats.json").unlink()  # as if the run had stopped during the second shard
@@ -170,6 +173,7 @@ def test_resume_fetches_only_unfinished_shards(cc3m, server):
         assert sorted(row["caption"] for row in csv.DictReader(f)) == sorted(GOOD)
 
 
+@pytest.mark.e2e
 def test_images_that_do_not_verify_are_left_out_of_train_csv(cc3m, server):
     out = cc3m["out"]
     with open(out / "train.csv", newline="") as f:
@@ -186,6 +190,7 @@ def test_images_that_do_not_verify_are_left_out_of_train_csv(cc3m, server):
         assert [row["caption"] for row in csv.DictReader(f)] == ['a blue, "quoted" square']
 
 
+@pytest.mark.e2e
 def test_webdataset_shards_hold_the_good_samples_of_a_cc12m_file(server, tmp_path):
     lines = [f"{server.base}/png/0\tred one", f"{server.base}/missing/9\tlost one", f"{server.base}/jpg/2\tblue one"]
     tsv = write_tsv(tmp_path / "cc12m.tsv", lines)
@@ -239,6 +244,7 @@ def test_failure_reasons_group_messages_by_cause():
     ("start_past_end", "has only 3 rows"),
     ("other_selection", "holds another download (end 6 then, 2 now)"),
 ])
+@pytest.mark.e2e
 def test_bad_input_is_one_line_before_any_download(case, expected, server, tmp_path, cc3m):
     good = f"a caption\t{server.base}/png/0"
     tsv, out, extra = tmp_path / "in.tsv", tmp_path / "out", []

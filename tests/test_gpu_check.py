@@ -29,11 +29,12 @@ def test_odd_step_count_is_refused(tmp_path):
     assert result.returncode == 2 and "STEPS must be an even number" in result.stderr
 
 
+@pytest.mark.e2e
 def test_cpu_smoke_run_prints_a_row_per_objective(tmp_path):
     result = run_script(tmp_path, DEVICE="cpu", GPUS="1", MODEL="tiny-vit", BATCH_PER_GPU="8", STEPS="2",
                         WORKERS="0", BENCH_MODEL="tiny-vit", BENCH_STEPS="6", BENCH_PAIRS="1")
     assert result.returncode == 0, result.stdout + result.stderr
-    # utils/benchmark.py train: one round of the three trainers with their ratios, then evaluation time
+    # utils/bench_train.py: one round of the three trainers with their ratios, then evaluation time
     bench = re.findall(r"^\| 1 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout,
                        flags=re.MULTILINE)
     assert len(bench) == 1 and all(float(value) > 0 for value in bench[0]), result.stdout

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from rankclip.losses import ClipLoss, CyClipLoss, RankCLIPLoss
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("single_thread")]
 
 WORLD = 2
 ROWS = 5  # per rank: odd, and not a multiple of the chunk size

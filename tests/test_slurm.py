@@ -189,6 +189,7 @@ def ended_within(procs: list[subprocess.Popen], first: int, seconds: float) -> f
     ("rank_0_is_killed", 0, "[rank 1] rank 0, which holds the run's store, is gone", 10),
     ("rank_1_is_killed", 1, "[rank 0] rank 1 has not been heard from for 5 s", 5 + 10),  # the OOM killer's way
 ])
+@pytest.mark.e2e
 def test_a_task_that_fails_or_is_killed_ends_the_other_within_seconds(scenario, dead, survivor_says, limit):
     procs = start_tasks(scenario)
     took = ended_within(procs, first=dead, seconds=30)
@@ -198,18 +199,21 @@ def test_a_task_that_fails_or_is_killed_ends_the_other_within_seconds(scenario, 
     assert survivor_says in survivor_out
 
 
+@pytest.mark.e2e
 def test_other_ranks_wait_out_a_rank_0_evaluation_longer_than_the_collective_timeout():
     results = wait_all(start_tasks("long_rank_0_evaluation"), timeout=120)
     assert [code for code, _ in results] == [0, 0], results
     assert all(f"rank {r} sums 2" in out for r, (_, out) in enumerate(results))
 
 
+@pytest.mark.e2e
 def test_rank_0_ending_first_is_no_failure():
     results = wait_all(start_tasks("rank_0_ends_first"), timeout=120)
     assert [code for code, _ in results] == [0, 0], results
     assert all("failed" not in out and "gone" not in out for _, out in results)
 
 
+@pytest.mark.e2e
 def test_two_srun_tasks_train_and_evaluate_like_torchrun_processes(colour_data, tmp_path):
     cli = command(colour_data, tmp_path, "srun", 1, "--validation_data", str(colour_data["validation"]))
     results = wait_all(start_tasks("", command=cli), timeout=300)

@@ -11,7 +11,7 @@
 #   GPUS=1 BATCH_PER_GPU=512 EXTRA="--grad_checkpointing" bash utils/gpu_check.sh
 #   DEVICE=cpu GPUS=1 MODEL=tiny-vit BATCH_PER_GPU=16 STEPS=4 bash utils/gpu_check.sh   # smoke run
 #
-# Then it runs `utils/benchmark.py train` on one GPU: open_clip_train against this trainer
+# Then it runs `utils/bench_train.py` on one GPU: open_clip_train against this trainer
 # (--loss clip and --loss rankclip) on the same generated data, BENCH_MODEL (default ViT-B-32),
 # batch BATCH_PER_GPU, PRECISION and WORKERS, BENCH_PAIRS rounds of BENCH_STEPS steps each, and
 # the evaluation time with 1 process (and 2 when two GPUs are visible); it prints its table last.
@@ -96,7 +96,7 @@ if (( BENCH_PAIRS > 0 )); then
     if (( GPUS >= 2 )); then EVAL_PROCESSES="1 2"; fi
     echo
     # shellcheck disable=SC2086  # EVAL_PROCESSES holds several counts
-    python "$REPO/utils/benchmark.py" train --model "$BENCH_MODEL" --device "$([[ $DEVICE == gpu ]] && echo cuda || echo cpu)" \
+    python "$REPO/utils/bench_train.py" --model "$BENCH_MODEL" --device "$([[ $DEVICE == gpu ]] && echo cuda || echo cpu)" \
         --precision "$PRECISION" --batch_size "$BATCH_PER_GPU" --workers "$WORKERS" \
         --images $((BATCH_PER_GPU * BENCH_STEPS)) --pairs "$BENCH_PAIRS" --skip $((BENCH_STEPS / 6)) \
         --log_every $(( BENCH_STEPS >= 20 ? 5 : 1 )) --eval_processes $EVAL_PROCESSES \
