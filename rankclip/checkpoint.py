@@ -9,8 +9,6 @@ under a real name. Checkpoints hold only plain types and tensors and are always 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -23,54 +21,13 @@ import torch
 
 from .config import Config, ConfigError, best_metric_key, higher_is_better
 from .distributed import Runtime
+from .files import atomic_alias, atomic_save
 from .logger import log
 from .optim import load_optimizer_state, state_by_name
 from .rankstate import restore_rng, saved_rank_states, seed_rank
 
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
 PREFIXES = ("module.", "_orig_mod.", "model.")
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to `path` via a temporary file + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_folder(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename inside `folder` durable (the new name lives in the folder's own data)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_alias(src: Path, dst: Path) -> None:
-    """Make `dst` a copy of `src` atomically: a hard link when the file system allows one, else a
-    copy that is fsynced before it is renamed into place."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dst)
-        fsync_folder(dst.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: str | Path) -> dict:
