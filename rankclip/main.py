@@ -13,8 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import (Checkpointer, ResumePoint, check_resumed_config, check_run_folder, find_resume,
-                         load_model_weights, load_weights, read_resume_checkpoint, restore_training)
+from .checkpoint import Checkpointer
 from .config import Config, ConfigError, parse_config
 from .data import SampleMaker, build_caption_loader
 from .distributed import Runtime, launch, process_label
@@ -26,8 +25,11 @@ from .losses import build_loss, rank_weight
 from .models import build_model
 from .optim import build_optimizer
 from .rankstate import seed_rank
+from .resume import (ResumePoint, check_resumed_config, check_run_folder, find_resume, read_resume_checkpoint,
+                     restore_training)
 from .savepoints import EXIT_PREEMPTED, Preempted
 from .train import CosineSchedule, Trainer, autocast, build_scaler
+from .weights import load_model_weights, load_weights
 
 EVAL_BATCH_SIZE = 256
 

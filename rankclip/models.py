@@ -17,7 +17,7 @@ import open_clip
 import torch
 from huggingface_hub import constants as hub_constants
 
-from .checkpoint import load_model_weights
+from .weights import load_model_weights
 from .config import REPO_ROOT, ConfigError
 
 SEED_MODEL_NAMES = {

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .checkpoint import read_checkpoint
+from .weights import read_checkpoint
 from .config import ConfigError
 from .files import atomic_write_text
 from .plot import PlotError, finish_panel, new_figure, read_jsonl, run_curves, save_png

@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from .accumulate import cached_gradient_step
-from .checkpoint import Checkpointer, ResumePoint, training_state
+from .checkpoint import Checkpointer, training_state
+from .resume import ResumePoint
 from .config import ConfigError
 from .data import FAILURE_LIMIT
 from .distributed import Runtime

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rankclip.accumulate import cached_gradient_step
-from rankclip.checkpoint import read_checkpoint
+from rankclip.weights import read_checkpoint
 from rankclip.config import ConfigError
 from rankclip.data import GlobalBatchSampler
 from rankclip.losses import RankCLIPLoss

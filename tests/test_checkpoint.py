@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankclip.checkpoint import (BestMetric, Checkpointer, check_resumed_config,
-                                 extract_state_dict, load_model_weights, read_checkpoint, training_state)
+from rankclip.checkpoint import BestMetric, Checkpointer, training_state
+from rankclip.resume import check_resumed_config
+from rankclip.weights import extract_state_dict, load_model_weights, read_checkpoint
 from rankclip.config import Config, ConfigError
 from rankclip.files import atomic_save
 from rankclip.logger import setup_console_logging

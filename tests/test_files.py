@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankclip.checkpoint import read_checkpoint
+from rankclip.weights import read_checkpoint
 from rankclip.files import atomic_alias, atomic_file, atomic_save, atomic_write_text
 
 
