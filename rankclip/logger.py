@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
+from .files import atomic_write_text
 
 log = logging.getLogger("rankclip")
 
@@ -101,7 +101,7 @@ class RunLogger:
     def write_json(self, filename: str = "results.json") -> None:
         """This process's records as one JSON list (evaluation-only runs)."""
         if self.enabled:
-            (self.run_dir / filename).write_text(json.dumps(self.records, indent=2) + "\n")
+            atomic_write_text(self.run_dir / filename, json.dumps(self.records, indent=2) + "\n")
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -122,9 +122,7 @@ def _keep_records(path: Path, keep: Callable[[dict], bool]) -> None:
         if keep(record):
             kept.append(line)
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _plain(value):

@@ -13,8 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import (Checkpointer, ResumePoint, TrainState, check_resumed_config, check_run_folder, find_resume,
-                         load_model_weights, load_weights, read_resume_checkpoint, restore_training)
+from .checkpoint import Checkpointer, TrainState
 from .config import Config, ConfigError, parse_config
 from .data import Batches, SampleMaker, SampleSource, build_validation_loader
 from .distributed import Runtime, launch, process_label
@@ -26,8 +25,11 @@ from .models import ModelBundle, build_model
 from .optim import build_optimizer
 from .precision import build_scaler
 from .rankstate import seed_rank
+from .resume import (ResumePoint, check_resumed_config, check_run_folder, find_resume, read_resume_checkpoint,
+                     restore_training)
 from .savepoints import EXIT_PREEMPTED, Preempted
 from .train import CosineSchedule, Schedules, Trainer
+from .weights import load_model_weights, load_weights
 
 
 def build_evaluator(cfg: Config, runtime: Runtime, bundle: ModelBundle, logger: RunLogger) -> Evaluator:

@@ -17,8 +17,8 @@ import open_clip
 import torch
 from huggingface_hub import constants as hub_constants
 
-from .checkpoint import load_model_weights
 from .config import REPO_ROOT, ConfigError, ModelConfig
+from .weights import load_model_weights
 
 SEED_MODEL_NAMES = {
     "RN50": "RN50-quickgelu",

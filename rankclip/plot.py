@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from .files import atomic_file
 
 Series = tuple[list[float], list[float]]
 Curves = dict[str, dict[str, Series]]  # panel title -> line label -> (x ascending, y)
@@ -149,15 +150,11 @@ def draw_runs(runs: list[tuple[str, Curves]]) -> Figure:
 
 def save_png(fig: Figure, out: Path) -> Path:
     """Write the figure to `out` through a temporary file in the same folder, so readers never see half a PNG."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(out) as f:
             fig.savefig(f, format="png")
-        os.replace(tmp, out)
     except OSError as e:  # name the PNG asked for, not the temporary file
         raise PlotError(f"cannot write {out}: {e.strerror or e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

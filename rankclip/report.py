@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -23,8 +22,9 @@ from typing import Optional, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .checkpoint import read_checkpoint
+from .weights import read_checkpoint
 from .config import ConfigError
+from .files import atomic_write_text
 from .plot import PlotError, finish_panel, new_figure, read_jsonl, run_curves, save_png
 
 # Settings that say how or where a run ran (or are derived from others), not what it computes.
@@ -344,15 +344,6 @@ def render_markdown(report: dict, configurations: list[Configuration]) -> str:
         lines += ["## Left out", "", *(f"- {item['run']}: {item['reason']}" for item in report["left_out"]), ""]
     lines += ["![curves](report.png)", ""]
     return "\n".join(lines)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_report(paths: Sequence[str | Path], at: str = "final", allow_mixed: bool = False,

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from .accumulate import cached_gradient_step
-from .checkpoint import Checkpointer, ResumePoint, TrainState
+from .checkpoint import Checkpointer, TrainState
 from .config import ConfigError, TrainingConfig
 from .data import FAILURE_LIMIT
 from .distributed import Runtime
@@ -19,6 +19,7 @@ from .evaluate import Evaluator
 from .loaders import TrainData
 from .logger import RunLogger, log, progress_interval
 from .precision import autocast
+from .resume import ResumePoint
 from .savepoints import Preempted
 
 MAX_LOGIT_SCALE = math.log(100)

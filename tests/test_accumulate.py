@@ -8,7 +8,7 @@ from torch import nn
 
 from rankclip.config import ModelConfig
 from rankclip.accumulate import cached_gradient_step
-from rankclip.checkpoint import read_checkpoint
+from rankclip.weights import read_checkpoint
 from rankclip.config import ConfigError
 from rankclip.data import GlobalBatchSampler
 from rankclip.losses import RankCLIPLoss

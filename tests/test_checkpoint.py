@@ -1,31 +1,16 @@
 import errno
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from rankclip.checkpoint import (BestMetric, Checkpointer, TrainState, atomic_alias, atomic_save, check_resumed_config,
-                                 extract_state_dict, load_model_weights, read_checkpoint, training_state)
+from rankclip.checkpoint import BestMetric, Checkpointer, TrainState, training_state
 from rankclip.config import CheckpointsConfig, Config, ConfigError
 from rankclip.distributed import Runtime
+from rankclip.files import atomic_save
+from rankclip.resume import check_resumed_config
+from rankclip.weights import extract_state_dict, load_model_weights, read_checkpoint
 from rankclip.logger import setup_console_logging
-
-
-def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    atomic_save({"value": torch.tensor(1)}, path)
-
-    def explode(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", explode)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_save({"value": torch.tensor(2)}, path)
-    monkeypatch.undo()
-    assert read_checkpoint(path)["value"].item() == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
 def linear_weights() -> dict[str, torch.Tensor]:
@@ -170,40 +155,6 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_warns(tmp_path, monkeypat
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
     warning = [line for line in capsys.readouterr().out.splitlines() if "not written" in line]
     assert len(warning) == 1 and "No space left on device" in warning[0] and "training continues" in warning[0]
-
-
-def record_fsyncs(monkeypatch) -> list[str]:
-    """The paths that os.fsync is called on from now on."""
-    synced, fsync = [], os.fsync
-
-    def recording(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
-    return synced
-
-
-def test_a_copied_alias_and_its_folder_are_fsynced(tmp_path, monkeypatch):
-    source = tmp_path / "epoch_1.pt"
-    atomic_save({"value": torch.tensor(1)}, source)
-    synced = record_fsyncs(monkeypatch)
-
-    def no_hard_links(src, dst):
-        raise OSError(errno.EPERM, "hard links not supported")
-
-    monkeypatch.setattr(os, "link", no_hard_links)
-    atomic_alias(source, tmp_path / "epoch_latest.pt")
-    assert read_checkpoint(tmp_path / "epoch_latest.pt")["value"].item() == 1
-    assert any(Path(p).name.startswith(".epoch_latest.pt.tmp") for p in synced), synced  # the copy, before rename
-    assert synced[-1] == str(tmp_path)  # the folder, after the rename
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
-
-
-def test_a_saved_file_is_renamed_durably(tmp_path, monkeypatch):
-    synced = record_fsyncs(monkeypatch)
-    atomic_save({"value": torch.tensor(1)}, tmp_path / "ckpt.pt")
-    assert synced[-1] == str(tmp_path)
 
 
 def test_best_metric_knows_which_way_is_better():

@@ -7,7 +7,7 @@ import open_clip
 import pytest
 import torch
 
-from rankclip.checkpoint import read_checkpoint
+from rankclip.weights import read_checkpoint
 from rankclip.main import main
 
 from conftest import write_zeroshot_folder

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from rankclip.checkpoint import read_checkpoint
+from rankclip.weights import read_checkpoint
 
 pytestmark = pytest.mark.e2e
 

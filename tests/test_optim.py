@@ -9,8 +9,8 @@ import torch
 
 import rankclip.models  # noqa: F401  (registers configs/ with open_clip)
 from rankclip.main import main
-from rankclip.checkpoint import restore_optimizer
 from rankclip.config import OptimConfig
+from rankclip.resume import restore_optimizer
 from rankclip.optim import build_optimizer, grouped_names, state_by_name
 
 # OpenAI's CLIP code, which CyCLIP and the original RankCLIP keep, registers a block's modules so.

@@ -18,7 +18,7 @@ from rankclip import distributed
 from rankclip.config import ConfigError, parse_config
 from rankclip.main import main
 
-from rankclip.checkpoint import read_checkpoint
+from rankclip.weights import read_checkpoint
 from test_distributed import command, free_port
 
 TASK = Path(__file__).resolve().parent / "slurm_task.py"

@@ -47,6 +47,10 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rankclip.files import atomic_file  # noqa: E402
+
 LAYOUTS = {"cc3m": ("caption", "url"), "cc12m": ("url", "caption")}
 FORMATS = {"csv": "files", "webdataset": "webdataset"}  # ours -> img2dataset's output_format
 RECORD = "download_selection.txt"
@@ -270,17 +274,10 @@ def collect(out: Path, shards: list[int], verify: bool) -> tuple[list[tuple[str,
 
 def write_train_csv(path: Path, rows: list[tuple[str, str]]) -> None:
     """image,caption rows, written to a temporary file and renamed: never a half-written train.csv."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["image", "caption"])
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image", "caption"])
+        writer.writerows(rows)
 
 
 def prepare(args: argparse.Namespace, out: Path, jsonl: Path) -> Selection:
