@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .config import CheckpointsConfig, best_metric_key, higher_is_better
-from .distributed import Runtime
+from .runtime import Runtime
 from .files import atomic_alias, atomic_save
 from .logger import log
 from .rankstate import capture_rng, cpu_group, gather_rank_states

@@ -21,7 +21,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default
 
 from .augment import AugmentedImage, augment_caption
 from .config import ConfigError, CsvLayout, DataConfig
-from .distributed import Runtime, rank_block
+from .collectives import rank_block
+from .runtime import Runtime
 
 MAX_SUBSTITUTIONS = 10  # consecutive unreadable images tolerated before a sample gives up
 FAILURE_LIMIT = 0.01  # fraction of an epoch's samples allowed to be unreadable

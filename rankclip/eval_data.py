@@ -30,7 +30,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .config import ConfigError, CsvLayout
 from .data import load_image, read_caption_csv
-from .distributed import Runtime, rank_block
+from .collectives import rank_block
+from .runtime import Runtime
 
 IMAGENET_FAMILY = ("ImageNet1K", "ImageNetSketch", "ImageNetV2", "ImageNet-A", "ImageNet-R")
 IMAGENET_SUBSETS = ("ImageNet-A", "ImageNet-R")  # 200-class subsets, chosen by their folders

@@ -2,7 +2,7 @@
 analysis, zero-shot classification, linear probes and image-text retrieval.
 
 Every process takes part: each encodes its contiguous block of every set's images (its loaders
-hold only that block, `distributed.rank_block`) and of the prompts and captions, and the
+hold only that block, `collectives.rank_block`) and of the prompts and captions, and the
 features are gathered in rank order, so every process holds the same features as a
 one-process evaluation (to float rounding) and computes the same metrics from them; only the
 main process's logger writes them. Everything runs under no_grad (and autocast on CUDA);
@@ -20,12 +20,13 @@ import torch
 from tqdm import tqdm
 
 from .config import ConfigError, CsvLayout, EvaluationConfig
-from .distributed import Runtime, gather_rows, rank_and_world, rank_block
+from .collectives import gather_rows, rank_and_world, rank_block
 from .eval_data import build_labeled_loader, load_eval_set, load_retrieval_set
 from .linear_probe import probe_accuracy, train_linear_probe
 from .logger import RunLogger, log
 from .metrics import representation_metrics, retrieval_recall, topk_correct
 from .precision import autocast
+from .runtime import Runtime
 
 TOP_K = (1, 3, 5, 10)
 TEXT_BATCH = 256

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol
+from typing import Iterator, Protocol
 
 from torch.utils.data import DataLoader
 
 from .config import DataConfig
 from .data import Batches, SampleSource, build_caption_loader, loader_generator
-from .distributed import Runtime
+from .runtime import Runtime
 from .shards import ShardStream, expand_shards
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .config import LOSSES, RANK_SCHEDULES, ObjectiveConfig
-from .distributed import gather_with_grad, rank_and_world
+from .collectives import gather_with_grad, rank_and_world
 
 # Row chunks (see default_chunk_size). Memory per term is about CHUNK_BYTES_PER_SIMILARITY x rows x N.
 CHUNK_BYTES_PER_SIMILARITY = 80
@@ -271,7 +271,7 @@ class _Views(NamedTuple):
 
 @contextlib.contextmanager
 def _full_fp32_matmuls() -> Iterator[None]:
-    """TF32 off while the loss runs, even where the towers use it (distributed.configure_device):
+    """TF32 off while the loss runs, even where the towers use it (launch.configure_device):
     with TF32's 10-bit mantissa, logits at s = 100 are off by ~1e-3, enough to swap near-tied
     ranks in the Plackett-Luce targets and far from the fp32 accuracy the loss is tested to."""
     previous = torch.backends.cuda.matmul.allow_tf32

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import Checkpointer, TrainState
 from .config import Config, ConfigError, parse_config
 from .data import Batches, SampleMaker, SampleSource, build_validation_loader
-from .distributed import Runtime, launch, process_label
+from .launch import launch, process_label
 from .evaluate import EVAL_BATCH_SIZE, Evaluator, build_eval_tasks
 from .loaders import build_train_data
 from .logger import RunLogger, log, setup_console_logging
@@ -27,6 +27,7 @@ from .precision import build_scaler
 from .rankstate import seed_rank
 from .resume import (ResumePoint, check_resumed_config, check_run_folder, find_resume, read_resume_checkpoint,
                      restore_training)
+from .runtime import Runtime
 from .savepoints import EXIT_PREEMPTED, Preempted
 from .train import CosineSchedule, Schedules, Trainer
 from .weights import load_model_weights, load_weights

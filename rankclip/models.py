@@ -11,7 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable
 
 import open_clip
 import torch

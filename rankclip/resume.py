@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import Checkpointer, TrainState, checkpoints_dir, epoch_files, latest_path
 from .config import CheckpointsConfig, ConfigError
-from .distributed import Runtime
+from .runtime import Runtime
 from .logger import log
 from .optim import load_optimizer_state, state_by_name
 from .rankstate import restore_rng, saved_rank_states, seed_rank

@@ -14,7 +14,7 @@ from .accumulate import cached_gradient_step
 from .checkpoint import Checkpointer, TrainState
 from .config import ConfigError, TrainingConfig
 from .data import FAILURE_LIMIT
-from .distributed import Runtime
+from .runtime import Runtime
 from .evaluate import Evaluator
 from .loaders import TrainData
 from .logger import RunLogger, log, progress_interval

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from rankclip import distributed
+from rankclip import launch, peers
 from rankclip.config import ConfigError, parse_config
 
 NEVER = 300  # seconds: stands for an NCCL collective, which never notices that a peer is gone
@@ -61,10 +61,10 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=8)
 SILENCE = 5.0  # seconds, for PEER_SILENCE_SECONDS
 
 if __name__ == "__main__":
-    distributed.PROCESS_GROUP_TIMEOUT = COLLECTIVE_TIMEOUT
-    distributed.PEER_SILENCE_SECONDS = SILENCE
+    launch.PROCESS_GROUP_TIMEOUT = COLLECTIVE_TIMEOUT
+    peers.PEER_SILENCE_SECONDS = SILENCE
     try:
-        distributed.launch(SCENARIOS[sys.argv[1]], parse_config(["--device", "cpu"]).launch)
+        launch.launch(SCENARIOS[sys.argv[1]], parse_config(["--device", "cpu"]).launch)
     except ConfigError as e:
         print(f"rankclip: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -6,8 +6,7 @@ import torch
 
 from rankclip.checkpoint import BestMetric, Checkpointer, TrainState, training_state
 from rankclip.config import CheckpointsConfig, Config, ConfigError
-from rankclip.distributed import Runtime
-from rankclip.files import atomic_save
+from rankclip.runtime import Runtime
 from rankclip.resume import check_resumed_config
 from rankclip.weights import extract_state_dict, load_model_weights, read_checkpoint
 from rankclip.logger import setup_console_logging

@@ -5,7 +5,7 @@ from PIL import Image
 from rankclip.config import ConfigError, CsvLayout
 from rankclip.data import (Batches, CaptionDataset, GlobalBatchSampler, SampleMaker, SampleSource, build_caption_loader,
                            collate_samples, read_caption_csv)
-from rankclip.distributed import Runtime
+from rankclip.runtime import Runtime
 
 
 def to_tensor(image):

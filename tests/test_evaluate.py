@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from rankclip.config import Config, ModelConfig, ObjectiveConfig
-from rankclip.distributed import Runtime
+from rankclip.runtime import Runtime
 from rankclip.eval_data import build_labeled_loader, load_eval_set
 from rankclip.evaluate import EvalTasks, Evaluator, ZeroShotTask, zero_shot_classifier
 from rankclip.logger import RunLogger, log

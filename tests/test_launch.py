@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rankclip.config import ConfigError
-from rankclip.distributed import Runtime, resolve_device
+from rankclip.launch import resolve_device
+from rankclip.runtime import Runtime
 from rankclip.main import main
 
 

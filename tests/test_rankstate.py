@@ -7,7 +7,7 @@ import torch
 
 from rankclip.resume import restore_rank_state
 from rankclip.config import ConfigError
-from rankclip.distributed import Runtime
+from rankclip.runtime import Runtime
 from rankclip.rankstate import capture_rng, rank_seed, restore_rng, saved_rank_states, seed_rank
 
 

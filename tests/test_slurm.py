@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 import torch
 
-from rankclip import distributed
+from rankclip import launch as launching
 from rankclip.config import ConfigError, parse_config
 from rankclip.main import main
 
@@ -74,9 +74,9 @@ def gpus(monkeypatch):
 def launched(monkeypatch):
     """What launch() would start: the Runtime of a process-group member, or the devices spawned."""
     seen = {}
-    monkeypatch.setattr(distributed, "_run_member", lambda fn, runtime, backend, init: seen.update(member=runtime))
-    monkeypatch.setattr(distributed, "spawn", lambda fn, launch, devices: seen.update(spawned=devices))
-    monkeypatch.setattr(distributed, "configure_device", lambda device: None)
+    monkeypatch.setattr(launching, "_run_member", lambda fn, runtime, backend, init: seen.update(member=runtime))
+    monkeypatch.setattr(launching, "spawn", lambda fn, launch, devices: seen.update(spawned=devices))
+    monkeypatch.setattr(launching, "configure_device", lambda device: None)
     return seen
 
 
@@ -84,7 +84,7 @@ def test_one_gpu_per_task_uses_the_gpu_it_sees(slurm_env, gpus, launched):
     """srun --gpus-per-task=1: task 3 sees one GPU, cuda:0, while its SLURM_LOCALID is 3."""
     slurm_env(srun_task(3) | {"MASTER_ADDR": "node01", "MASTER_PORT": "29500", "CUDA_VISIBLE_DEVICES": "0"})
     gpus(1)
-    distributed.launch(print, parse_config(DATA).launch)
+    launching.launch(print, parse_config(DATA).launch)
     runtime = launched["member"]
     assert (runtime.rank, runtime.local_rank, runtime.world_size) == (3, 3, 4)
     assert runtime.device == torch.device("cuda", 0)
@@ -93,7 +93,7 @@ def test_one_gpu_per_task_uses_the_gpu_it_sees(slurm_env, gpus, launched):
 def test_tasks_sharing_the_node_gpus_take_their_local_rank(slurm_env, gpus, launched):
     slurm_env(srun_task(6, tasks=8, nodes=2) | {"MASTER_ADDR": "node01", "MASTER_PORT": "29500"})
     gpus(4)
-    distributed.launch(print, parse_config(DATA).launch)
+    launching.launch(print, parse_config(DATA).launch)
     assert launched["member"].device == torch.device("cuda", 2) and launched["member"].rank == 6
 
 
@@ -102,14 +102,14 @@ def test_a_task_without_a_gpu_of_its_own_is_told_how_to_fix_it(slurm_env, gpus, 
     slurm_env(srun_task(3) | {"MASTER_ADDR": "node01", "MASTER_PORT": "29500"})
     gpus(2)
     with pytest.raises(ConfigError, match="local rank 3 but sees 2 GPUs.*--gpus-per-task=1"):
-        distributed.launch(print, parse_config(DATA).launch)
+        launching.launch(print, parse_config(DATA).launch)
 
 
 @pytest.mark.parametrize("batch", [BATCH_STEP, BATCH_STEP_LATER], ids=["no step id", "batch step id"])
 def test_distributed_in_the_batch_step_spawns_instead_of_waiting_for_3_more_ranks(slurm_env, gpus, launched, batch):
     slurm_env(batch | {"MASTER_ADDR": "node01", "MASTER_PORT": "29500"})
     gpus(4)
-    distributed.launch(print, parse_config(DATA + ["--distributed"]).launch)
+    launching.launch(print, parse_config(DATA + ["--distributed"]).launch)
     assert "member" not in launched
     assert launched["spawned"] == [torch.device("cuda", i) for i in range(4)]
 
@@ -126,17 +126,17 @@ def test_distributed_in_the_batch_step_of_a_two_node_job_is_refused(slurm_env, g
 def test_a_plain_run_in_the_batch_step_is_one_process_and_says_so(slurm_env, gpus, launched, capsys):
     slurm_env(BATCH_STEP)
     gpus(0)
-    distributed.launch(lambda runtime: launched.update(single=runtime), parse_config(["--device", "cpu"]).launch)
+    launching.launch(lambda runtime: launched.update(single=runtime), parse_config(["--device", "cpu"]).launch)
     assert launched["single"].world_size == 1 and "member" not in launched
     assert "4 tasks" in capsys.readouterr().err
-    assert distributed.process_label() == ""
+    assert launching.process_label() == ""
 
 
 def test_srun_tasks_need_the_rendezvous_address(slurm_env, gpus, launched):
     slurm_env(srun_task(1))
     gpus(0)
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
-        distributed.launch(print, parse_config(["--device", "cpu"]).launch)
+        launching.launch(print, parse_config(["--device", "cpu"]).launch)
 
 
 # ----------------------------------------------------------------------------------------------

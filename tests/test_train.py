@@ -7,7 +7,7 @@ import torch
 
 from rankclip.checkpoint import Checkpointer, TrainState
 from rankclip.config import CheckpointsConfig, ObjectiveConfig, OptimConfig, RunConfig, TrainingConfig
-from rankclip.distributed import Runtime
+from rankclip.runtime import Runtime
 from rankclip.logger import RunLogger
 from rankclip.losses import RankWeightSchedule, build_loss
 from rankclip.optim import build_optimizer

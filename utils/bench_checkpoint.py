@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rankclip.checkpoint import Checkpointer, TrainState, training_state  # noqa: E402
 from rankclip.config import CheckpointsConfig, Config, OptimConfig  # noqa: E402
-from rankclip.distributed import Runtime  # noqa: E402
+from rankclip.runtime import Runtime  # noqa: E402
 from rankclip.models import resolve_model_name  # noqa: E402
 from rankclip.optim import build_optimizer  # noqa: E402
 from rankclip.rankstate import capture_rng  # noqa: E402

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from bench_common import add_worker_arguments, print_table_header, run_worker, table_row
 from rankclip.config import DataConfig, ModelConfig
 from rankclip.data import Batches, SampleMaker, SampleSource
-from rankclip.distributed import Runtime
+from rankclip.runtime import Runtime
 from rankclip.loaders import build_train_data
 
 PIPELINES = {
