@@ -1,0 +1,92 @@
+"""The flat stored format and the numbers of today's code, against the golden fixture in tests/golden/.
+
+tests/golden/make_golden.py wrote the fixture on main 8d71e2a3, before issue 18 moved the configuration into
+typed sections: the parser's flags, parse_config's flat dict for three argv cases, params.txt, and a
+checkpoint that must still load, evaluate and resume to the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from golden.cases import (CHECKPOINT, GOLDEN, INTEGER_FIELDS, describe_parser, evaluate_checkpoint, normalise,
+                          parsed_cases, resume_checkpoint, write_data)
+
+STORED = json.loads((GOLDEN / "parser.json").read_text())
+EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
+FLAT_KEYS = set(STORED["parse_config"]["demo"])
+CLOCK_FIELDS = ("samples_per_second", "samples_per_second_per_process")
+
+
+def assert_records_match(actual: list[dict], expected: list[dict], rel: float) -> None:
+    """Same records, keys and text; integers exact, floats within `rel` (clock-dependent rates skipped)."""
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        assert set(got) == set(want), (got.get("split"), set(got) ^ set(want))
+        for key, value in want.items():
+            if key in CLOCK_FIELDS:
+                continue
+            if isinstance(value, float) and key not in INTEGER_FIELDS:
+                assert math.isclose(got[key], value, rel_tol=rel, abs_tol=1e-9), (got["split"], key, got[key], value)
+            else:
+                assert got[key] == value and type(got[key]) is type(value), (got["split"], key, got[key], value)
+
+
+def test_parser_actions_are_unchanged():
+    assert normalise(json.loads(json.dumps(describe_parser()))) == STORED["actions"]
+
+
+def test_parse_config_flat_dicts_are_unchanged():
+    assert json.loads(json.dumps(parsed_cases())) == STORED["parse_config"]
+
+
+def test_stored_cases_cover_every_kind_of_value():
+    """The fixture itself: lists, floats, bools and nulls, the --config file overridden by flags."""
+    values = [v for case in STORED["parse_config"].values() for v in case.values()]
+    assert {type(v) for v in values} >= {list, float, bool, type(None), int, str}
+    from_file = json.loads((GOLDEN / "config_case.json").read_text())
+    config_case = STORED["parse_config"]["config_file"]
+    assert config_case["epochs"] == 3 != from_file["epochs"] and config_case["device_ids"] == from_file["device_ids"]
+
+
+def test_checkpoint_loads_with_the_flat_config():
+    obj = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+    assert set(obj["config"]) == FLAT_KEYS
+    assert obj["epoch"] == 1 and obj["config"]["train_data"] == "train.csv"
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("golden")
+    write_data(folder)
+    return folder
+
+
+@pytest.mark.e2e
+def test_checkpoint_evaluates_to_the_recorded_numbers(data_folder):
+    assert_records_match(evaluate_checkpoint(data_folder, CHECKPOINT), EXPECTED["evaluation"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def resumed(data_folder):
+    return resume_checkpoint(data_folder, CHECKPOINT)
+
+
+@pytest.mark.e2e
+def test_params_txt_lists_the_flat_keys_and_values(resumed):
+    assert {line.split(":", 1)[0] for line in resumed["params"].splitlines()} == FLAT_KEYS
+    assert resumed["params"] == EXPECTED["params"]
+
+
+@pytest.mark.e2e
+def test_checkpoint_resumes_to_the_recorded_numbers(resumed):
+    assert_records_match(resumed["records"], EXPECTED["records"], rel=1e-5)
+    assert set(resumed["weights"]) == set(EXPECTED["weights"])
+    for key, (total, squares) in EXPECTED["weights"].items():
+        got_total, got_squares = resumed["weights"][key]
+        assert math.isclose(got_total, total, rel_tol=1e-4, abs_tol=1e-6), (key, got_total, total)
+        assert math.isclose(got_squares, squares, rel_tol=1e-4, abs_tol=1e-6), (key, got_squares, squares)
