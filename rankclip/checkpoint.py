@@ -15,10 +15,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .config import CheckpointsConfig, best_metric_key, higher_is_better
-from .runtime import Runtime
 from .files import atomic_alias, atomic_save
 from .logger import log
 from .rankstate import capture_rng, cpu_group, gather_rank_states
+from .runtime import Runtime
 from .savepoints import SavePoints, save_interval_minutes
 
 

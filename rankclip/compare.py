@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import MULTI_VALUED, SETTINGS, Config, ConfigError, build_parser, demo_preset, parse_config, setting_type
-from .plot import PlotError, read_jsonl
+from .config import MULTI_VALUED, SETTINGS, Config, build_parser, demo_preset, parse_config, setting_type
+from .errors import ConfigError, RankCLIPError, ReportError
+from .plot import read_jsonl
 from .report import EXECUTION_SETTINGS, MIXED_SETTINGS, read_params, write_report
 
 # Grid axes cannot set these: compare names, places and resumes the cells itself.
@@ -154,8 +155,8 @@ def cell_state(cell: Cell) -> str:
 def _records(path: Path) -> list[dict]:
     try:
         return read_jsonl(path)
-    except PlotError as e:
-        raise ConfigError(f"{e}; repair or remove that line") from None
+    except ReportError as e:
+        raise ReportError(f"{e}; repair or remove that line") from None
 
 
 def check_same_settings(cell: Cell) -> None:
@@ -334,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(shlex.join(cell_command(cell, study.nproc_per_node)))
             return 0
         return run_study(study)
-    except ConfigError as e:
+    except RankCLIPError as e:
         print(f"rankclip.compare: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,8 @@ live in `Runtime`, never here.
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 import argparse
 import dataclasses
 import json
@@ -44,10 +46,6 @@ LOWER_IS_BETTER = re.compile(r".*loss|alignment|.*_uniformity|modality_gap")
 # Flags whose presence means "the user brought data": without any of them we run the demo.
 DATA_FLAGS = ("train_data", "validation_data", "eval_test_data_dir", "retrieval_data", "checkpoint", "resume",
               "pretrained")
-
-
-class ConfigError(ValueError):
-    """A problem with the user's flags or files, reported as one line at start-up."""
 
 
 def setting(default: Any, text: str, *aliases: str, **argparse_kwargs: Any) -> Any:

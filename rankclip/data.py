@@ -20,8 +20,9 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
 
 from .augment import AugmentedImage, augment_caption
-from .config import ConfigError, CsvLayout, DataConfig
 from .collectives import rank_block
+from .config import CsvLayout, DataConfig
+from .errors import ConfigError, DataError
 from .runtime import Runtime
 
 MAX_SUBSTITUTIONS = 10  # consecutive unreadable images tolerated before a sample gives up
@@ -86,26 +87,26 @@ def read_caption_csv(path: str, layout: CsvLayout) -> tuple[list[str], list[str]
     try:
         frame = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, quoting=0)
     except pd.errors.EmptyDataError as e:
-        raise ConfigError(f"{path}: the file is empty; it needs a header row and one row per image") from e
+        raise DataError(f"{path}: the file is empty; it needs a header row and one row per image") from e
     except pd.errors.ParserError as e:
-        raise ConfigError(f"{path}: cannot be parsed with {flag} ({str(e).strip()}); check --delimiter") from e
+        raise DataError(f"{path}: cannot be parsed with {flag} ({str(e).strip()}); check --delimiter") from e
     columns = list(frame.columns)
     missing = [key for key in (image_key, caption_key) if key not in columns]
     if missing:
         other = "\t" if delimiter == "," else ","
         if len(columns) == 1 and other in columns[0]:
-            raise ConfigError(f"{path}: only one column with {flag}, but the header contains {other!r}; "
+            raise DataError(f"{path}: only one column with {flag}, but the header contains {other!r}; "
                               f"pass --delimiter {other!r}" + (" (as $'\\t')" if other == "\t" else ""))
         flags = {image_key: "--image_key", caption_key: "--caption_key"}
-        raise ConfigError(f"{path}: no column {', '.join(repr(m) for m in missing)} "
+        raise DataError(f"{path}: no column {', '.join(repr(m) for m in missing)} "
                           f"(columns: {', '.join(columns)}); set {' and '.join(flags[m] for m in missing)}")
     if len(frame) == 0:
-        raise ConfigError(f"{path}: has a header but no rows; it needs one row per image")
+        raise DataError(f"{path}: has a header but no rows; it needs one row per image")
     root = Path(path).resolve().parent
     images = [str(root / p) for p in frame[image_key].tolist()]
     probe = images[:16]
     if not any(os.path.exists(p) for p in probe):
-        raise ConfigError(f"{path}: none of the first {len(probe)} images exist (e.g. {probe[0]}); "
+        raise DataError(f"{path}: none of the first {len(probe)} images exist (e.g. {probe[0]}); "
                           f"paths are absolute or relative to the CSV's folder")
     return images, frame[caption_key].tolist()
 

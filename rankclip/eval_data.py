@@ -28,9 +28,10 @@ from timm.data import ImageNetInfo
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from .config import ConfigError, CsvLayout
-from .data import load_image, read_caption_csv
 from .collectives import rank_block
+from .config import CsvLayout
+from .data import load_image, read_caption_csv
+from .errors import ConfigError, DataError
 from .runtime import Runtime
 
 IMAGENET_FAMILY = ("ImageNet1K", "ImageNetSketch", "ImageNetV2", "ImageNet-A", "ImageNet-R")
@@ -83,7 +84,7 @@ def _template_from_ast(node: ast.AST, where: str) -> Template:
                 ok = False
         if ok:
             return Template(tuple(parts))
-    raise ConfigError(f"{where}: templates must be lambdas like `lambda s: f\"a photo of a {{s}}.\"`, found "
+    raise DataError(f"{where}: templates must be lambdas like `lambda s: f\"a photo of a {{s}}.\"`, found "
                       f"`{ast.unparse(node)[:60]}`")
 
 
@@ -95,29 +96,29 @@ def parse_classes_file(path: str | Path) -> tuple[list[str], list[Template]]:
     try:
         tree = ast.parse(Path(path).read_text(), mode="eval")
     except FileNotFoundError as e:
-        raise ConfigError(f"{path}: missing; an eval folder needs classes.py") from e
+        raise DataError(f"{path}: missing; an eval folder needs classes.py") from e
     except SyntaxError as e:
-        raise ConfigError(f"{path}: must be a single dict literal {{\"classes\": [...], \"templates\": [...]}} "
+        raise DataError(f"{path}: must be a single dict literal {{\"classes\": [...], \"templates\": [...]}} "
                           f"({e.msg}, line {e.lineno})") from e
     shape = "must be a single dict literal {\"classes\": [...], \"templates\": [...]}"
     if not isinstance(tree.body, ast.Dict):
-        raise ConfigError(f"{path}: {shape}")
+        raise DataError(f"{path}: {shape}")
     entries = {}
     for key, value in zip(tree.body.keys, tree.body.values):
         if not (isinstance(key, ast.Constant) and key.value in ("classes", "templates")
                 and isinstance(value, (ast.List, ast.Tuple))):
-            raise ConfigError(f"{path}: {shape}")
+            raise DataError(f"{path}: {shape}")
         entries[key.value] = value.elts
     if set(entries) != {"classes", "templates"}:
-        raise ConfigError(f"{path}: {shape}")
+        raise DataError(f"{path}: {shape}")
     classes = []
     for node in entries["classes"]:
         if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
-            raise ConfigError(f"{path}: classes must be strings, found `{ast.unparse(node)[:60]}`")
+            raise DataError(f"{path}: classes must be strings, found `{ast.unparse(node)[:60]}`")
         classes.append(node.value)
     templates = [_template_from_ast(node, str(path)) for node in entries["templates"]]
     if not classes or not templates:
-        raise ConfigError(f"{path}: needs at least one class and one template")
+        raise DataError(f"{path}: needs at least one class and one template")
     return classes, templates
 
 
@@ -168,7 +169,7 @@ class LabeledSet:
 
     def require_prompts(self) -> tuple[Sequence[str], Sequence[Callable[[str], str]]]:
         if self.classes is None or self.templates is None:
-            raise ConfigError(f"{self.name}: no class names are known for zero-shot classification; "
+            raise DataError(f"{self.name}: no class names are known for zero-shot classification; "
                               f"put a classes.py (dict of \"classes\" and \"templates\") in its folder")
         return self.classes, self.templates
 
@@ -184,7 +185,7 @@ def _labels_csv_set(name: str, root: Path, transform: Callable) -> LabeledSet:
     try:
         labels = [int(v) for v in label_strings]
     except ValueError as e:
-        raise ConfigError(f"{root / 'labels.csv'}: labels must be integers ({e})") from e
+        raise DataError(f"{root / 'labels.csv'}: labels must be integers ({e})") from e
     if (root / "classes.py").is_file():
         classes, templates = parse_classes_file(root / "classes.py")
     elif name in IMAGENET_FAMILY and name not in IMAGENET_SUBSETS:
@@ -193,7 +194,7 @@ def _labels_csv_set(name: str, root: Path, transform: Callable) -> LabeledSet:
         classes, templates = None, None
     num_classes = len(classes) if classes is not None else max(labels) + 1
     if min(labels) < 0 or max(labels) >= num_classes:
-        raise ConfigError(f"{root / 'labels.csv'}: labels must lie in [0, {num_classes}) "
+        raise DataError(f"{root / 'labels.csv'}: labels must lie in [0, {num_classes}) "
                           f"(the classes listed in classes.py), found {min(labels)}..{max(labels)}")
     return LabeledSet(name, LabeledImages(images, labels, transform), num_classes, classes, templates)
 
@@ -212,16 +213,16 @@ def _image_folder_set(name: str, root: Path, transform: Callable, train: bool) -
     else:
         unknown = [n for n in names if n not in wnids]
         if unknown or not names:
-            raise ConfigError(f"{folder}: expected one subfolder per class named by WordNet id (n01440764, ...) "
+            raise DataError(f"{folder}: expected one subfolder per class named by WordNet id (n01440764, ...) "
                               f"or class index (ImageNetV2), found {unknown[:3] or 'none'}")
         indices = [wnids.index(n) for n in names]
     full = name not in IMAGENET_SUBSETS
     if full and len(names) != len(wnids):
-        raise ConfigError(f"{folder}: {name} has {len(wnids)} class folders, found {len(names)}")
+        raise DataError(f"{folder}: {name} has {len(wnids)} class folders, found {len(names)}")
     samples = make_dataset(str(folder), {n: i for i, n in enumerate(names)}, extensions=IMG_EXTENSIONS,
                            allow_empty=True)
     if not samples:
-        raise ConfigError(f"{folder}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+        raise DataError(f"{folder}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
     paths, labels = zip(*samples)
     classes = [IMAGENET_CLASSNAMES[i] for i in indices]
     return LabeledSet(name, LabeledImages(paths, labels, transform), len(classes), classes,
@@ -233,7 +234,7 @@ def _torchvision_set(name: str, root: Path, transform: Callable, train: bool) ->
     try:
         dataset = cls(str(root), transform=transform, download=False, **(train_kwargs if train else test_kwargs))
     except (RuntimeError, FileNotFoundError) as e:
-        raise ConfigError(f"{root}: no {name} files; torchvision expects {holds} there (this project never "
+        raise DataError(f"{root}: no {name} files; torchvision expects {holds} there (this project never "
                           f"downloads at run time: fetch it elsewhere with torchvision.datasets.{cls.__name__}"
                           f"(root, download=True) and copy the root)") from e
     if (root / "classes.py").is_file():
@@ -284,7 +285,7 @@ def load_eval_set(name: str, root: str | Path, transform: Callable, train: bool 
         return _torchvision_set(name, root, transform, train)
     if name in IMAGENET_FAMILY:
         return _image_folder_set(name, root, transform, train)
-    raise ConfigError(f"{root}: no labels.csv for {name}; use the labels.csv + classes.py layout")
+    raise DataError(f"{root}: no labels.csv for {name}; use the labels.csv + classes.py layout")
 
 
 @dataclass(frozen=True)

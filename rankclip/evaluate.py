@@ -19,8 +19,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError, CsvLayout, EvaluationConfig
 from .collectives import gather_rows, rank_and_world, rank_block
+from .config import CsvLayout, EvaluationConfig
+from .errors import DataError
 from .eval_data import build_labeled_loader, load_eval_set, load_retrieval_set
 from .linear_probe import probe_accuracy, train_linear_probe
 from .logger import RunLogger, log
@@ -198,7 +199,7 @@ class Evaluator:
             log.warning(f"validation: skipped {len(failed)} unreadable images, e.g. {failed[0]}")
         count = len(images)
         if count < 2:
-            raise ConfigError(f"validation: {count} readable image-caption pairs ({skipped} unreadable); the "
+            raise DataError(f"validation: {count} readable image-caption pairs ({skipped} unreadable); the "
                               f"validation loss needs at least 2: fix the images or the --validation_data CSV")
         losses, batch_size = validation_losses(self.loss_fn, images, texts, logit_scale, rank_weight)
         analysis = representation_metrics(images, texts) if count >= 3 else {}
@@ -224,7 +225,7 @@ class Evaluator:
         features = gather_rows(features, self.device)
         labels = gather_rows(labels, self.device, torch.long)
         if not len(features):
-            raise ConfigError(f"{desc}: none of the images can be read; check the folder")
+            raise DataError(f"{desc}: none of the images can be read; check the folder")
         return features, labels
 
     @torch.no_grad()

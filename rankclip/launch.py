@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .config import ConfigError, LaunchConfig
+from .config import LaunchConfig
+from .errors import ConfigError, RankCLIPError
 from .peers import Peers
 from .runtime import Runtime
 from .savepoints import EXIT_PREEMPTED, Preempted
@@ -131,7 +132,7 @@ def _spawned(local_rank: int, fn: Callable, settings: LaunchConfig, devices: lis
     runtime = Runtime(rank=local_rank, local_rank=local_rank, world_size=len(devices), device=devices[local_rank])
     try:
         _run_member(fn, runtime, settings.distributed_backend, settings.distributed_init_method)
-    except ConfigError as e:  # one line per rank, then a non-zero exit that ends the other ranks
+    except RankCLIPError as e:  # one line per rank, then a non-zero exit that ends the other ranks
         print(f"rankclip: error: {process_label()}{e}", file=sys.stderr)
         sys.exit(2)
     except Preempted:  # saved; the parent reports it

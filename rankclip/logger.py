@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
+from .errors import ReportError
 from .files import atomic_write_text
 
 log = logging.getLogger("rankclip")
@@ -91,11 +92,11 @@ class RunLogger:
         """curves.png in the run folder; a plotting problem is reported, never fatal to a finished run."""
         if not self.enabled:
             return
-        from .plot import PlotError, write_curves  # matplotlib loads only when a plot is drawn
+        from .plot import write_curves  # matplotlib loads only when a plot is drawn
 
         try:
             log.info(f"curves: {write_curves(self.run_dir)}")
-        except (PlotError, OSError) as e:
+        except (ReportError, OSError) as e:
             log.warning(f"curves.png not written: {e}")
 
     def write_json(self, filename: str = "results.json") -> None:

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .config import LOSSES, RANK_SCHEDULES, ObjectiveConfig
 from .collectives import gather_with_grad, rank_and_world
+from .config import LOSSES, RANK_SCHEDULES, ObjectiveConfig
 
 # Row chunks (see default_chunk_size). Memory per term is about CHUNK_BYTES_PER_SIMILARITY x rows x N.
 CHUNK_BYTES_PER_SIMILARITY = 80

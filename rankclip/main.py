@@ -14,10 +14,11 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import Checkpointer, TrainState
-from .config import Config, ConfigError, parse_config
+from .config import Config, parse_config
 from .data import Batches, SampleMaker, SampleSource, build_validation_loader
-from .launch import launch, process_label
+from .errors import RankCLIPError
 from .evaluate import EVAL_BATCH_SIZE, Evaluator, build_eval_tasks
+from .launch import launch, process_label
 from .loaders import build_train_data
 from .logger import RunLogger, log, setup_console_logging
 from .losses import RankWeightSchedule, build_loss
@@ -111,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_config(argv)
         launch(partial(run, cfg), cfg.launch)
-    except ConfigError as e:
+    except RankCLIPError as e:
         print(f"rankclip: error: {process_label()}{e}", file=sys.stderr)
         return 2
     except Preempted as e:

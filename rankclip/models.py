@@ -17,7 +17,8 @@ import open_clip
 import torch
 from huggingface_hub import constants as hub_constants
 
-from .config import REPO_ROOT, ConfigError, ModelConfig
+from .config import REPO_ROOT, ModelConfig
+from .errors import ConfigError
 from .weights import load_model_weights
 
 SEED_MODEL_NAMES = {

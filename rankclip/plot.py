@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .errors import ReportError
 from .files import atomic_file
 
 Series = tuple[list[float], list[float]]
@@ -29,12 +30,8 @@ LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 MARKER_MAX_POINTS = 50  # sparse series (per epoch, short runs) get markers, or a lone point would not show
 
 
-class PlotError(ValueError):
-    """A run folder that cannot be plotted; the message names the file and what is wrong."""
-
-
 def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a .jsonl file, blank lines skipped; anything else is a PlotError."""
+    """The JSON objects of a .jsonl file, blank lines skipped; anything else is a ReportError."""
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -43,9 +40,9 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PlotError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+                raise ReportError(f"{path} line {number}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
-                raise PlotError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+                raise ReportError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
     return records
 
@@ -64,14 +61,14 @@ def run_curves(run_dir: str | Path) -> Curves:
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise PlotError(f"{run_dir} is not a folder")
+        raise ReportError(f"{run_dir} is not a folder")
     results_path, steps_path = run_dir / "results.jsonl", run_dir / "steps.jsonl"
     if not results_path.exists() and not steps_path.exists():
-        raise PlotError(f"{run_dir} has neither results.jsonl nor steps.jsonl; give a run folder such as logs/<name>")
+        raise ReportError(f"{run_dir} has neither results.jsonl nor steps.jsonl; give a run folder such as logs/<name>")
     results = read_jsonl(results_path) if results_path.exists() else []
     steps = read_jsonl(steps_path) if steps_path.exists() else []
     if not results and not steps:
-        raise PlotError(f"{run_dir}: results.jsonl and steps.jsonl hold no records")
+        raise ReportError(f"{run_dir}: results.jsonl and steps.jsonl hold no records")
 
     points: dict[str, dict[str, dict[float, float]]] = {title: {} for title in PANELS}
 
@@ -154,7 +151,7 @@ def save_png(fig: Figure, out: Path) -> Path:
         with atomic_file(out) as f:
             fig.savefig(f, format="png")
     except OSError as e:  # name the PNG asked for, not the temporary file
-        raise PlotError(f"cannot write {out}: {e.strerror or e}") from e
+        raise ReportError(f"cannot write {out}: {e.strerror or e}") from e
     return out
 
 
@@ -178,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     default = args.run_dirs[0] / "curves.png" if len(args.run_dirs) == 1 else Path("comparison.png")
     try:
         path = write_plot(args.run_dirs, args.output or default)
-    except (PlotError, OSError) as e:
+    except (ReportError, OSError) as e:
         print(f"rankclip.plot: error: {e}", file=sys.stderr)
         return 2
     print(path)

@@ -12,13 +12,14 @@ step) instead, which is deterministic but not the uninterrupted run's stream.
 
 from __future__ import annotations
 
+from .errors import CheckpointError
+
 import random
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -49,7 +50,7 @@ def restore_rng(state: dict, device: torch.device, rank: int) -> None:
         if device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], device)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"the checkpoint's random state of rank {rank} cannot be restored "
+        raise CheckpointError(f"the checkpoint's random state of rank {rank} cannot be restored "
                           f"({type(e).__name__}: {e}); resume from an epoch checkpoint epoch_<N>.pt") from e
 
 

@@ -22,10 +22,10 @@ from typing import Optional, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .weights import read_checkpoint
-from .config import ConfigError
+from .errors import RankCLIPError, ReportError
 from .files import atomic_write_text
-from .plot import PlotError, finish_panel, new_figure, read_jsonl, run_curves, save_png
+from .plot import finish_panel, new_figure, read_jsonl, run_curves, save_png
+from .weights import read_checkpoint
 
 # Settings that say how or where a run ran (or are derived from others), not what it computes.
 EXECUTION_SETTINGS = frozenset({
@@ -116,28 +116,25 @@ class Run:
 
 
 def load_run(path: Path, at: str) -> Run:
-    """A run folder whose results reach its final epoch; ConfigError saying why a folder is left out."""
+    """A run folder whose results reach its final epoch; ReportError saying why a folder is left out."""
     if not (path / "params.txt").is_file():
-        raise ConfigError("no params.txt: not a run folder")
+        raise ReportError("no params.txt: not a run folder")
     if not (path / "results.jsonl").is_file():
-        raise ConfigError("no results.jsonl yet")
+        raise ReportError("no results.jsonl yet")
     settings = read_params(path)
-    try:
-        records = latest_records(read_jsonl(path / "results.jsonl"))
-    except PlotError as e:
-        raise ConfigError(str(e)) from e
+    records = latest_records(read_jsonl(path / "results.jsonl"))
     epochs_logged = {epoch for epoch, _, _ in records if isinstance(epoch, int)}
     final = final_epoch(settings, epochs_logged)
     if final not in epochs_logged:
-        raise ConfigError(f"unfinished: results reach epoch {max(epochs_logged, default=0)} of {final}")
+        raise ReportError(f"unfinished: results reach epoch {max(epochs_logged, default=0)} of {final}")
     epoch = final
     if at == "best":
         best = path / "checkpoints" / "epoch.best.pt"
         if not best.is_file():
-            raise ConfigError(f"no {best.relative_to(path)} (only written with --validation_data)")
+            raise ReportError(f"no {best.relative_to(path)} (only written with --validation_data)")
         epoch = int(read_checkpoint(best)["epoch"])
         if epoch not in epochs_logged:
-            raise ConfigError(f"results.jsonl has no records for epoch {epoch}, the epoch of epoch.best.pt")
+            raise ReportError(f"results.jsonl has no records for epoch {epoch}, the epoch of epoch.best.pt")
     return Run(path, settings, records, epoch)
 
 
@@ -199,7 +196,7 @@ def check_not_mixed(runs: list[Run]) -> None:
         if len(seen) > 1:
             differences.append(f"{key} (" + "; ".join(f"{v} in {p}" for v, p in seen.items()) + ")")
     if differences:
-        raise ConfigError("the runs differ in data, model or evaluation settings: " + ", ".join(differences)
+        raise ReportError("the runs differ in data, model or evaluation settings: " + ", ".join(differences)
                           + "; pass --allow_mixed to report them together anyway")
 
 
@@ -355,7 +352,7 @@ def build_report(paths: Sequence[str | Path], at: str = "final", allow_mixed: bo
     for folder in folders:
         try:
             runs.append(load_run(folder, at))
-        except ConfigError as e:
+        except ReportError as e:
             left_out.append((str(folder), str(e)))
     if not allow_mixed:
         check_not_mixed(runs)
@@ -364,7 +361,7 @@ def build_report(paths: Sequence[str | Path], at: str = "final", allow_mixed: bo
     for path, reason in left_out:
         warn(f"{path} left out: {reason}")
     if not configurations:
-        raise ConfigError("no finished runs to report on; give run folders or a study folder such as logs/<study>")
+        raise ReportError("no finished runs to report on; give run folders or a study folder such as logs/<study>")
     keys = differing_settings(configurations)
     label_configurations(configurations, keys)
     report = {
@@ -411,7 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         for path in write_report(args.paths, out_dir, args.at, args.allow_mixed):
             print(path)
-    except (ConfigError, PlotError, OSError) as e:
+    except (RankCLIPError, OSError) as e:
         print(f"rankclip.report: error: {e}", file=sys.stderr)
         return 2
     return 0

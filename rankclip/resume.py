@@ -10,11 +10,12 @@ from typing import Optional
 import torch
 
 from .checkpoint import Checkpointer, TrainState, checkpoints_dir, epoch_files, latest_path
-from .config import CheckpointsConfig, ConfigError
-from .runtime import Runtime
+from .config import CheckpointsConfig
+from .errors import ConfigError, CheckpointError
 from .logger import log
 from .optim import load_optimizer_state, state_by_name
 from .rankstate import restore_rng, saved_rank_states, seed_rank
+from .runtime import Runtime
 from .weights import extract_state_dict, read_checkpoint
 
 
@@ -39,7 +40,7 @@ def check_resumed_config(obj: dict, path: str | Path, settings: dict, world_size
     changed = [key for key in RESUME_KEYS if saved.get(key) != now[key]]
     changes = ", ".join(f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in changed)
     if changed and not now["resume_allow_changes"]:
-        raise ConfigError(f"--resume {path}: the checkpoint was written with other settings: {changes}; "
+        raise CheckpointError(f"--resume {path}: the checkpoint was written with other settings: {changes}; "
                           f"resume with the run's settings, or pass --resume_allow_changes")
     position = obj.get("position")
     if position:
@@ -48,11 +49,11 @@ def check_resumed_config(obj: dict, path: str | Path, settings: dict, world_size
                     else "start the run afresh")
         moved = [key for key in changed if key in DATA_POSITION_KEYS]
         if moved:
-            raise ConfigError(f"--resume {path}: the checkpoint stops inside epoch {position['epoch']} and "
+            raise CheckpointError(f"--resume {path}: the checkpoint stops inside epoch {position['epoch']} and "
                               f"{', '.join(moved)} changed, which moves the data under its position; {fallback}")
         streams = (obj.get("world_size"), saved.get("num_workers")) != (world_size, now["num_workers"])
         if now["dataset_type"] == "webdataset" and streams:
-            raise ConfigError(f"--resume {path}: inside an epoch of webdataset shards the position is per "
+            raise CheckpointError(f"--resume {path}: inside an epoch of webdataset shards the position is per "
                               f"(process, data worker): resume with {obj.get('world_size')} processes and "
                               f"--num_workers {saved.get('num_workers')}, or {fallback}")
     if changed:
@@ -98,12 +99,12 @@ def read_resume_checkpoint(path: Path, run_dir: Path) -> dict:
     own_latest = path == latest_path(run_dir)
     try:
         obj = read_checkpoint(path)
-    except ConfigError as e:
+    except CheckpointError as e:
         if not own_latest:
             raise
-        raise ConfigError(f"{e}; {_fallback(path.parent)}") from e
+        raise CheckpointError(f"{e}; {_fallback(path.parent)}") from e
     if own_latest and not {"config", "step", "optimizer"} <= set(obj):
-        raise ConfigError(f"{path} is not a training checkpoint of this project (it has no config, step or "
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (it has no config, step or "
                           f"optimizer); {_fallback(path.parent)}")
     return obj
 
@@ -138,7 +139,7 @@ def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, s
     the epoch, and each rank is seeded from (seed, rank, step).
     """
     if "epoch" not in obj:
-        raise ConfigError("the checkpoint has no 'epoch': it holds weights only; use --pretrained PATH to start from it")
+        raise CheckpointError("the checkpoint has no 'epoch': it holds weights only; use --pretrained PATH to start from it")
     if "optimizer" in obj:
         restore_optimizer(obj, state.model, state.optimizer)
     if state.scaler is not None and obj.get("scaler"):

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .errors import ConfigError
 from .peers import Peers
 
 

@@ -21,8 +21,8 @@ from typing import Iterator, Optional
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .config import ConfigError
 from .data import SampleMaker, collate_samples, load_image, per_process_batch, sample_seed
+from .errors import ConfigError, DataError
 from .logger import log
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -45,7 +45,7 @@ def expand_shards(pattern: str) -> list[str]:
                           f"(e.g. {missing[0]})")
     empty = {s for s in local if _holds_no_member(s)}  # img2dataset writes these when all URLs of a shard fail
     if len(empty) == len(shards):
-        raise ConfigError(f"--train_data {pattern}: every shard is empty")
+        raise DataError(f"--train_data {pattern}: every shard is empty")
     if empty:
         log.warning(f"--train_data: skipping {len(empty)} empty shards, e.g. {sorted(empty)[0]}")
     return [s for s in shards if s not in empty]
@@ -153,5 +153,5 @@ class ShardStream(IterableDataset):
             # every shard this stream can read has come up empty would the loop never end.
             empty = set() if good else empty | {shard["url"] for shard in shards}
             if len(empty) == candidates:
-                raise ConfigError(f"shards {sorted(empty)[:3]} hold no readable image-caption samples "
+                raise DataError(f"shards {sorted(empty)[:3]} hold no readable image-caption samples "
                                   f"(.jpg/.png/.webp + .txt)")

@@ -12,21 +12,19 @@ from tqdm import tqdm
 
 from .accumulate import cached_gradient_step
 from .checkpoint import Checkpointer, TrainState
-from .config import ConfigError, TrainingConfig
+from .config import TrainingConfig
 from .data import FAILURE_LIMIT
-from .runtime import Runtime
+from .errors import DataError
 from .evaluate import Evaluator
 from .loaders import TrainData
 from .logger import RunLogger, log, progress_interval
 from .precision import autocast
 from .resume import ResumePoint
+from .runtime import Runtime
 from .savepoints import Preempted
 
 MAX_LOGIT_SCALE = math.log(100)
 
-
-class DataError(ConfigError):
-    """Too much of the training data cannot be read (reported like a configuration error: one line)."""
 
 
 @dataclass(frozen=True)

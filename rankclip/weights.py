@@ -3,13 +3,14 @@ weights of checkpoints written by other projects."""
 
 from __future__ import annotations
 
+from .errors import CheckpointError
+
 import zipfile
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from .config import ConfigError
 
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -20,21 +21,21 @@ def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint file safely (no pickled code) onto the CPU: torch files or safetensors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path}: no such file")
+        raise CheckpointError(f"checkpoint {path}: no such file")
     if path.suffix == ".safetensors":
         try:
             return safetensors.torch.load_file(str(path), device="cpu")
         except Exception as e:
-            raise ConfigError(f"checkpoint {path}: cannot be read as safetensors ({e})") from e
+            raise CheckpointError(f"checkpoint {path}: cannot be read as safetensors ({e})") from e
     if _is_torchscript(path):
-        raise ConfigError(f"checkpoint {path}: a TorchScript archive (such as OpenAI's original release), which "
+        raise CheckpointError(f"checkpoint {path}: a TorchScript archive (such as OpenAI's original release), which "
                           f"holds code; load it once with open_clip.load_openai_model and save its state_dict()")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"checkpoint {path}: cannot be read as a weights-only torch file ({e})") from e
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a weights-only torch file ({e})") from e
     if not isinstance(obj, dict):
-        raise ConfigError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
+        raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
 
 
@@ -88,6 +89,6 @@ def load_weights(model: torch.nn.Module, obj: dict, path: str | Path) -> None:
     if missing or unexpected or shapes:
         def some(keys: list[str]) -> str:
             return f"{keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
-        raise ConfigError(f"checkpoint {path} does not match the model: missing {some(missing)}, unexpected "
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {some(missing)}, unexpected "
                           f"{some(unexpected)}, wrong shape {some(shapes)}; check --model_name")
     model.load_state_dict(state, strict=True)

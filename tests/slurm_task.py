@@ -12,8 +12,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from rankclip.errors import ConfigError
 from rankclip import launch, peers
-from rankclip.config import ConfigError, parse_config
+from rankclip.config import parse_config
 
 NEVER = 300  # seconds: stands for an NCCL collective, which never notices that a peer is gone
 

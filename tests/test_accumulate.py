@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from rankclip.errors import ConfigError
 from rankclip.config import ModelConfig
 from rankclip.accumulate import cached_gradient_step
 from rankclip.weights import read_checkpoint
-from rankclip.config import ConfigError
 from rankclip.data import GlobalBatchSampler
 from rankclip.losses import RankCLIPLoss
 from rankclip.main import main

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rankclip.errors import CheckpointError, ConfigError
 from rankclip.checkpoint import BestMetric, Checkpointer, TrainState, training_state
-from rankclip.config import CheckpointsConfig, Config, ConfigError
+from rankclip.config import CheckpointsConfig, Config
 from rankclip.runtime import Runtime
 from rankclip.resume import check_resumed_config
 from rankclip.weights import extract_state_dict, load_model_weights, read_checkpoint
@@ -57,7 +58,7 @@ def test_a_prefix_on_only_some_keys_is_kept():
 def test_torchscript_archive_is_refused_with_a_way_out(tmp_path):
     path = tmp_path / "ViT-B-32.pt"
     torch.jit.script(torch.nn.Linear(3, 2)).save(str(path))
-    with pytest.raises(ConfigError, match="TorchScript archive.*load_openai_model"):
+    with pytest.raises(CheckpointError, match="TorchScript archive.*load_openai_model"):
         read_checkpoint(path)
 
 
@@ -65,7 +66,7 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"state_dict": {"module.weight": torch.zeros(3, 2), "module.extra": torch.zeros(1)}}, path)
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ConfigError, match=r"missing \['bias'\] \(1\), unexpected \['extra'\] \(1\), "
+    with pytest.raises(CheckpointError, match=r"missing \['bias'\] \(1\), unexpected \['extra'\] \(1\), "
                                           r"wrong shape \['weight \(3, 2\) vs \(2, 2\)'\]"):
         load_model_weights(model, path)
 
@@ -73,7 +74,7 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
 def test_pickled_code_is_not_loaded(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "payload": Config()}, path)  # an arbitrary class needs full unpickling
-    with pytest.raises(ConfigError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="weights-only"):
         read_checkpoint(path)
 
 
@@ -178,10 +179,10 @@ def test_a_mid_epoch_position_is_kept_only_where_it_stays_exact(tmp_path):
                                 num_workers=2, resume_allow_changes=True)).to_dict()
     path = tmp_path / "checkpoints" / "epoch_latest.pt"
     check_resumed_config(mid_epoch_checkpoint(), path, cfg, world_size=2)  # same streams: fine
-    with pytest.raises(ConfigError, match=r"per \(process, data worker\): resume with 2 processes and "
+    with pytest.raises(CheckpointError, match=r"per \(process, data worker\): resume with 2 processes and "
                                           r"--num_workers 2, or resume from .*epoch_2.pt"):
         check_resumed_config(mid_epoch_checkpoint(), path, cfg, world_size=1)
-    with pytest.raises(ConfigError, match="inside epoch 3 and batch_size changed"):
+    with pytest.raises(CheckpointError, match="inside epoch 3 and batch_size changed"):
         check_resumed_config(mid_epoch_checkpoint(batch_size=64), path, cfg, world_size=2)
     csv = Config.from_dict(dict(name="run", train_data="train.csv", dataset_type="csv", resume_allow_changes=True))
     csv_checkpoint = dict(mid_epoch_checkpoint(), config=csv.to_dict() | {"epochs": 10})

@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import torch
 
+from rankclip.errors import ConfigError
 from rankclip.weights import read_checkpoint
 from rankclip.main import main
 
@@ -236,7 +237,7 @@ def test_empty_csv_is_refused(colour_data, tmp_path, capsys):
 def test_pretrained_path_loads_a_local_file_and_openai_needs_the_cache(trained, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from rankclip.config import ConfigError, ModelConfig
+    from rankclip.config import ModelConfig
     from rankclip.models import build_model
 
     weights = trained / "checkpoints" / "epoch_1.pt"

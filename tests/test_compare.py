@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from rankclip.errors import ConfigError
 from rankclip import compare
 from rankclip.compare import FINISHED, FRESH, INTERRUPTED, cell_name, cell_state, parse_study
-from rankclip.config import ConfigError
 
 EPOCHS = 2
 

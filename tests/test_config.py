@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from rankclip.config import Config, ConfigError, higher_is_better, parse_config
+from rankclip.errors import ConfigError
+from rankclip.config import Config, higher_is_better, parse_config
 
 
 def test_demo_preset_applies_without_data_flags():

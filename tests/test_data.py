@@ -2,7 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rankclip.config import ConfigError, CsvLayout
+from rankclip.errors import ConfigError, DataError
+from rankclip.config import CsvLayout
 from rankclip.data import (Batches, CaptionDataset, GlobalBatchSampler, SampleMaker, SampleSource, build_caption_loader,
                            collate_samples, read_caption_csv)
 from rankclip.runtime import Runtime
@@ -24,32 +25,32 @@ def test_csv_paths_are_relative_to_the_csv_folder(colour_data):
 
 
 def test_missing_column_lists_the_columns(colour_data):
-    with pytest.raises(ConfigError, match=r"no column 'text' \(columns: image, caption\); set --caption_key"):
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: image, caption\); set --caption_key"):
         read_caption_csv(str(colour_data["train"]), CsvLayout("image", "text", ","))
 
 
 def test_wrong_delimiter_says_which_to_use(tmp_path, colour_data):
     tsv = tmp_path / "data.tsv"
     tsv.write_text(colour_data["train"].read_text().replace(",", "\t"))
-    with pytest.raises(ConfigError, match=r"pass --delimiter '\\t'"):
+    with pytest.raises(DataError, match=r"pass --delimiter '\\t'"):
         read_caption_csv(str(tsv), CsvLayout("image", "caption", ","))
 
 
 def test_empty_and_header_only_files(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    with pytest.raises(ConfigError, match="the file is empty"):
+    with pytest.raises(DataError, match="the file is empty"):
         read_caption_csv(str(empty), CsvLayout("image", "caption", ","))
     header = tmp_path / "header.csv"
     header.write_text("image,caption\n")
-    with pytest.raises(ConfigError, match="no rows"):
+    with pytest.raises(DataError, match="no rows"):
         read_caption_csv(str(header), CsvLayout("image", "caption", ","))
 
 
 def test_images_that_do_not_exist_are_caught_at_start_up(tmp_path):
     path = tmp_path / "moved.csv"
     path.write_text("image,caption\nmissing/a.png,a cat\nmissing/b.png,a dog\n")
-    with pytest.raises(ConfigError, match="none of the first 2 images exist"):
+    with pytest.raises(DataError, match="none of the first 2 images exist"):
         read_caption_csv(str(path), CsvLayout("image", "caption", ","))
 
 

@@ -10,8 +10,9 @@ import torchvision
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
+from rankclip.errors import DataError
 from rankclip.config import CsvLayout
-from rankclip.config import EVAL_DATA_TYPES, ConfigError
+from rankclip.config import EVAL_DATA_TYPES
 from rankclip.eval_data import (IMAGENET_FAMILY, TORCHVISION_SETS, collate_labeled, imagenet_wnids,
                                 load_eval_set, load_retrieval_set, parse_classes_file)
 
@@ -49,7 +50,7 @@ def test_classes_file_with_code_is_refused_without_running_it(tmp_path, content)
     marker = tmp_path / "executed"
     path = tmp_path / "classes.py"
     path.write_text(content.format(marker=marker))
-    with pytest.raises(ConfigError, match="classes.py"):
+    with pytest.raises(DataError, match="classes.py"):
         parse_classes_file(path)
     assert not marker.exists()
 
@@ -71,7 +72,7 @@ def test_labels_out_of_range_of_the_classes_are_refused(colour_data, tmp_path):
     shutil.copytree(colour_data["zeroshot"], folder)
     with open(folder / "labels.csv", "a") as f:
         f.write("images/0_0.png,4\n")  # the fixture has 4 classes: 0..3
-    with pytest.raises(ConfigError, match=r"labels must lie in \[0, 4\)"):
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 4\)"):
         load_eval_set("CIFAR10", folder, to_tensor)
 
 
@@ -83,7 +84,7 @@ def test_labels_csv_without_classes_py_uses_imagenet_names_or_asks_for_the_file(
     assert imagenet.classes == list(IMAGENET_CLASSNAMES) and len(imagenet.templates) == 80
     cifar = load_eval_set("CIFAR10", folder, to_tensor)
     assert cifar.num_classes == 4
-    with pytest.raises(ConfigError, match="put a classes.py"):
+    with pytest.raises(DataError, match="put a classes.py"):
         cifar.require_prompts()
 
 
@@ -122,10 +123,10 @@ def test_imagenet_v2_folders_are_class_indices(tmp_path):
 def test_incomplete_imagenet_tree_is_refused(tmp_path):
     for wnid in imagenet_wnids()[:3]:
         write_png(tmp_path / wnid / "a.JPEG", 1)
-    with pytest.raises(ConfigError, match="ImageNet1K has 1000 class folders, found 3"):
+    with pytest.raises(DataError, match="ImageNet1K has 1000 class folders, found 3"):
         load_eval_set("ImageNet1K", tmp_path, to_tensor)
     (tmp_path / "not-a-wnid").mkdir()
-    with pytest.raises(ConfigError, match="named by WordNet id"):
+    with pytest.raises(DataError, match="named by WordNet id"):
         load_eval_set("ImageNet-R", tmp_path, to_tensor)
 
 
@@ -154,9 +155,9 @@ def test_torchvision_cifar10_root(tmp_path, monkeypatch):
 
 
 def test_missing_torchvision_files_say_where_they_belong(tmp_path):
-    with pytest.raises(ConfigError, match="no CIFAR100 files; torchvision expects cifar-100-python/ there"):
+    with pytest.raises(DataError, match="no CIFAR100 files; torchvision expects cifar-100-python/ there"):
         load_eval_set("CIFAR100", tmp_path, to_tensor)
-    with pytest.raises(ConfigError, match="test_32x32.mat"):
+    with pytest.raises(DataError, match="test_32x32.mat"):
         load_eval_set("SVHN", tmp_path, to_tensor)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rankclip.config import ConfigError
+from rankclip.errors import ConfigError
 from rankclip.launch import resolve_device
 from rankclip.runtime import Runtime
 from rankclip.main import main

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rankclip.plot import PlotError, draw_runs, main, run_curves, run_label, write_curves
+from rankclip.errors import ReportError
+from rankclip.plot import draw_runs, main, run_curves, run_label, write_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVAL_SETS = ("ImageNet1K", "CIFAR10")
@@ -166,7 +167,7 @@ def test_cli_errors(tmp_path, capsys, make, message):
 
 def test_empty_results_is_an_error_and_exit_code_is_2(tmp_path):
     (tmp_path / "results.jsonl").write_text("\n")
-    with pytest.raises(PlotError, match="hold no records"):
+    with pytest.raises(ReportError, match="hold no records"):
         write_curves(tmp_path)
     done = subprocess.run([sys.executable, "-m", "rankclip.plot", str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True)

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
+from rankclip.errors import CheckpointError, ConfigError
 from rankclip.resume import restore_rank_state
-from rankclip.config import ConfigError
 from rankclip.runtime import Runtime
 from rankclip.rankstate import capture_rng, rank_seed, restore_rng, saved_rank_states, seed_rank
 
@@ -39,7 +39,7 @@ def test_restore_gives_back_the_cpu_streams():
 
 
 def test_a_damaged_state_is_one_line():
-    with pytest.raises(ConfigError, match="random state of rank 2 cannot be restored.*epoch_<N>.pt"):
+    with pytest.raises(CheckpointError, match="random state of rank 2 cannot be restored.*epoch_<N>.pt"):
         restore_rng({"torch": torch.zeros(3, dtype=torch.uint8), "python": (3, (), None)}, torch.device("cpu"), 2)
 
 

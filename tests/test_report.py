@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from rankclip.config import Config, ConfigError
+from rankclip.errors import ReportError
+from rankclip.config import Config
 from rankclip.report import build_report, main, write_report
 
 EPOCHS = 2
@@ -122,7 +123,7 @@ def test_a_resumed_runs_later_records_win(tmp_path):
 
 def test_mixed_models_are_refused_unless_allowed(study, capsys):
     write_run(study / "other_model", records_for(0.5, 1.0), model_name="tiny-rn", seed=5)
-    with pytest.raises(ConfigError, match=r"model_name \(tiny-vit in .*; tiny-rn in .*other_model\).*--allow_mixed"):
+    with pytest.raises(ReportError, match=r"model_name \(tiny-vit in .*; tiny-rn in .*other_model\).*--allow_mixed"):
         build_report([study])
     assert main([str(study)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
@@ -142,5 +143,5 @@ def test_missing_unfinished_and_repeated_runs_are_named_and_left_out(study, tmp_
     assert reasons[str(study / "twin")].startswith("same settings and seed as")
     assert len(warnings) == 3 and all("left out" in w for w in warnings)
     assert report["tables"]["Zero-shot accuracy"]["rows"]["loss=clip"]["ImageNet1K top-1"]["n"] == 3
-    with pytest.raises(ConfigError, match="no finished runs"):
+    with pytest.raises(ReportError, match="no finished runs"):
         build_report([study / "half"], warn=warnings.append)

@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from rankclip.config import ConfigError
+from rankclip.errors import ConfigError, DataError
 from rankclip.data import SampleMaker
 from rankclip.shards import ShardStream, expand_shards
 
@@ -127,7 +127,7 @@ def test_an_empty_shard_among_good_ones_is_skipped(tmp_path):
 
 def test_shards_without_readable_samples_stop_the_run(tmp_path):
     pattern = keyed_shards(tmp_path, count=1, corrupt=set(range(16)))
-    with pytest.raises(ConfigError, match="hold no readable image-caption samples"):
+    with pytest.raises(DataError, match="hold no readable image-caption samples"):
         list(stream(pattern, num_samples=16))
 
 

@@ -14,8 +14,9 @@ from typing import Optional
 import pytest
 import torch
 
+from rankclip.errors import ConfigError
 from rankclip import launch as launching
-from rankclip.config import ConfigError, parse_config
+from rankclip.config import parse_config
 from rankclip.main import main
 
 from rankclip.weights import read_checkpoint

@@ -5,6 +5,7 @@ from typing import Optional
 import pytest
 import torch
 
+from rankclip.errors import DataError
 from rankclip.checkpoint import Checkpointer, TrainState
 from rankclip.config import CheckpointsConfig, ObjectiveConfig, OptimConfig, RunConfig, TrainingConfig
 from rankclip.runtime import Runtime
@@ -12,7 +13,7 @@ from rankclip.logger import RunLogger
 from rankclip.losses import RankWeightSchedule, build_loss
 from rankclip.optim import build_optimizer
 from rankclip.precision import CPU_AMP_ENV, build_scaler
-from rankclip.train import MAX_LOGIT_SCALE, CosineSchedule, DataError, FailureCounter, Schedules, Trainer
+from rankclip.train import MAX_LOGIT_SCALE, CosineSchedule, FailureCounter, Schedules, Trainer
 
 
 def test_schedule_warms_up_from_step_zero_and_ends_at_zero():
