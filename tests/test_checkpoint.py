@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankclip.errors import CheckpointError, ConfigError
+from rankclip.errors import CheckpointError
 from rankclip.checkpoint import BestMetric, Checkpointer, TrainState, training_state
 from rankclip.config import CheckpointsConfig, Config
 from rankclip.runtime import Runtime

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from rankclip.errors import CheckpointError, ConfigError
+from rankclip.errors import CheckpointError
 from rankclip.resume import restore_rank_state
 from rankclip.runtime import Runtime
 from rankclip.rankstate import capture_rng, rank_seed, restore_rng, saved_rank_states, seed_rank
