@@ -1,6 +1,6 @@
 """Second views for `--inmodal`: AutoAugment for images and EDA-style edits for captions.
 
-The seed (CyCLIP) augments captions with EDA (Wei & Zou, 2019), whose synonym operations need
+CyCLIP (whose code the original RankCLIP code keeps) augments captions with EDA (Wei & Zou, 2019), whose synonym operations need
 WordNet. Offline we keep the three operations that need no corpus, applied to a copy of the
 caption's own words: random swap, random deletion and random insertion (of a word already in
 the caption). All randomness comes from the generator passed in, so a sample's second view is

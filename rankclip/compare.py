@@ -43,6 +43,8 @@ FINISHED, INTERRUPTED, FRESH = "finished", "interrupted", "fresh"
 
 @dataclass(frozen=True)
 class Axis:
+    """One --grid axis: a setting and the values the study tries for it."""
+
     key: str
     values: tuple[str, ...]  # as typed on the command line
     parsed: tuple[object, ...]  # as rankclip.main's parser reads them for --<key>
@@ -50,6 +52,8 @@ class Axis:
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of the study: its folder name, its rankclip.main flags and their checked configuration."""
+
     name: str
     argv: tuple[str, ...]  # rankclip.main's flags, without --resume
     config: Config
@@ -213,6 +217,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class Study:
+    """A checked study: its name, its cells, how many processes each cell runs and whether it may mix settings."""
+
     name: str
     cells: list[Cell]
     nproc_per_node: int

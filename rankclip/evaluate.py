@@ -238,7 +238,7 @@ class Evaluator:
         return metrics | {"num_classes": len(task.classes), "num_samples": len(labels), "eval_data_type": task.name}
 
     def linear_probe(self, model: torch.nn.Module, task: LinearProbeTask) -> dict:
-        """The seed's protocol: a probe on the raw (unnormalized) image embeddings, which its
+        """The original code's protocol: a probe on the raw (unnormalized) image embeddings, which its
         learning rate was chosen for."""
         train_features, train_labels = self.image_features(model, task.train_loader, f"probe {task.name} train",
                                                            normalize=False)

@@ -1,6 +1,6 @@
 """Linear probe: multinomial logistic regression trained on frozen, precomputed features.
 
-The recipe is CyCLIP's (the seed's `--linear_probe`): one nn.Linear trained with cross-entropy
+The recipe is CyCLIP's (the original code's `--linear_probe`): one nn.Linear trained with cross-entropy
 by AdamW (lr 0.005, weight decay 0.01 on the weight and none on the bias, default betas), the
 learning rate following a cosine from lr to 0 over all steps with no warmup, reshuffled
 mini-batches every epoch. Unlike CyCLIP, the run is reproducible: initialization (nn.Linear's
@@ -96,7 +96,7 @@ def probe_accuracy(probe: nn.Linear, features: Tensor, labels: Tensor,
 
     linear_probe_top{k}: the fraction of samples whose label is among the k highest logits (as in
     zero-shot evaluation, k is capped at the number of classes, so top-k with k ≥ C is 1); the
-    seed's metric. linear_probe_mean_per_class_top1: top-1 accuracy within each class, averaged over
+    original code's metric. linear_probe_mean_per_class_top1: top-1 accuracy within each class, averaged over
     the classes that have test samples; the metric CLIP and CyCLIP report for Caltech101,
     FGVCAircraft, Flowers102 and OxfordIIITPet, whose test sets are unbalanced. Evaluated on the
     probe's device in chunks of EVAL_CHUNK rows.

@@ -92,7 +92,7 @@ def _ranked_rows(logits: Tensor, order: Tensor, eps: float, want_grad: bool, pl_
 
     Returns (NLL per row, CE per row against `labels` or None, ∂(pl_weight·ΣNLL + ce_weight·ΣCE)/∂logits
     if `want_grad` else None). `order[i]` lists row i's columns by ascending target, so the top-ranked
-    item comes last and DESIGN's suffix sums Z_k become prefix sums: with z the row sorted that way
+    item comes last and DESIGN.md's suffix sums Z_k become prefix sums: with z the row sorted that way
     minus its max, Z'_p = Σ_{q≤p} e^{z_q} + eps and the NLL is Σ_p log Z'_p − z_p. Its gradient is
     ∂/∂z_p = e^{z_p}·Σ_{q≥p} 1/Z'_q − 1, plus Σ_q eps/Z'_q on the row's argmax (the max shift only
     matters through eps). The CE reuses the exponentials: its softmax is e^z / Σe^z.
@@ -134,6 +134,8 @@ def _pl_direct(z: Tensor, eps: float, want_grad: bool) -> tuple[Tensor, Optional
 
 
 class _PlackettLuce(torch.autograd.Function):
+    """plackett_luce_nll's rows, with the analytic gradient computed in the forward pass."""
+
     @staticmethod
     def forward(ctx, pred: Tensor, true: Tensor, eps: float) -> Tensor:
         rank, _, grad = _ranked_rows(pred.float(), _argsort_rows(true.float()), eps, ctx.needs_input_grad[0])
@@ -285,7 +287,7 @@ def _full_fp32_matmuls() -> Iterator[None]:
 class ClipLoss(nn.Module):
     """CLIP's symmetric cross-entropy; with augmented views, CyCLIP's (crossmodal + inmodal) / 2.
 
-    The in-modal part (the seed's --inmodal) is (CE(s·I·I_augᵀ) + CE(s·T·T_augᵀ)) / 2. Every
+    The in-modal part (the original code's --inmodal) is (CE(s·I·I_augᵀ) + CE(s·T·T_augᵀ)) / 2. Every
     loss takes the same arguments; `rank_weight` only matters to RankCLIPLoss. With
     `gather=False` the features are the whole batch even in a distributed run, as for an
     evaluation that only one process runs (gathering there would wait for the others forever).
@@ -340,7 +342,7 @@ class ClipLoss(nn.Module):
 
 
 class RankCLIPLoss(ClipLoss):
-    """contrastive + rank_weight·(lambda1·R_in + lambda2·R_cross), as DESIGN's "The objective" defines it.
+    """contrastive + rank_weight·(lambda1·R_in + lambda2·R_cross), as DESIGN.md's "The objective" defines it.
 
     R_cross = (PL(S, Sᵀ) + PL(Sᵀ, S)) / (2N), R_in = (PL(s·I·Iᵀ, s·T·Tᵀ) + PL(s·T·Tᵀ, s·I·Iᵀ)) / (2N),
     PL being the mean over rows of `plackett_luce_nll`. A lambda of 0 skips its term (reported as 0).

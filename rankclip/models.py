@@ -1,6 +1,6 @@
 """Model, tokenizer and image transforms, all from open_clip's model zoo.
 
-The seed's names (RN50, RN101, RN50x4, ViT-B/32) map to open_clip's `-quickgelu` twins, the
+The original code's names (RN50, RN101, RN50x4, ViT-B/32) map to open_clip's `-quickgelu` twins, the
 architectures whose state dicts match OpenAI's and RankCLIP's released checkpoints. The JSON
 files in configs/ (tiny-vit, tiny-rn) are registered as extra open_clip models.
 """
@@ -21,7 +21,7 @@ from .config import REPO_ROOT, ModelConfig
 from .errors import ConfigError
 from .weights import load_model_weights
 
-SEED_MODEL_NAMES = {
+ORIGINAL_MODEL_NAMES = {
     "RN50": "RN50-quickgelu",
     "RN101": "RN101-quickgelu",
     "RN50x4": "RN50x4-quickgelu",
@@ -45,16 +45,16 @@ class ModelBundle:
 
 
 def resolve_model_name(name: str) -> str:
-    """Seed name, open_clip name ('ViT-B/16' spelled with a slash too) or configs/ JSON -> open_clip name."""
-    if name in SEED_MODEL_NAMES:
-        return SEED_MODEL_NAMES[name]
+    """Original code's name, open_clip name ('ViT-B/16' spelled with a slash too) or configs/ JSON -> open_clip name."""
+    if name in ORIGINAL_MODEL_NAMES:
+        return ORIGINAL_MODEL_NAMES[name]
     known = open_clip.list_models()
     candidate = name.replace("/", "-")
     if candidate in known:
         return candidate
-    close = difflib.get_close_matches(candidate, known + list(SEED_MODEL_NAMES), n=3)
+    close = difflib.get_close_matches(candidate, known + list(ORIGINAL_MODEL_NAMES), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
-    raise ConfigError(f"--model_name {name}: unknown model; {hint} (or one of {', '.join(SEED_MODEL_NAMES)}, tiny-vit, tiny-rn)")
+    raise ConfigError(f"--model_name {name}: unknown model; {hint} (or one of {', '.join(ORIGINAL_MODEL_NAMES)}, tiny-vit, tiny-rn)")
 
 
 def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) -> ModelBundle:

@@ -1,10 +1,10 @@
-"""AdamW with the seed's parameter groups, and optimizer states mapped onto them by parameter name.
+"""AdamW with the original code's parameter groups, and optimizer states mapped onto them by parameter name.
 
 torch's optimizer state names parameters by position (0, 1, ... over the groups in order). The
 original RankCLIP and CyCLIP code registers each transformer block's modules as attn, ln_1, mlp,
 ln_2, open_clip as ln_1, attn, ln_2, mlp, so the same position holds another parameter there.
 A checkpoint's `state_dict` lists the parameters in the order of the model that wrote it; with
-the seed's group rule that order gives every saved position its parameter name, and the state
+the original code's group rule that order gives every saved position its parameter name, and the state
 is moved to the position that name has here.
 """
 
@@ -20,17 +20,17 @@ NO_DECAY_KEYS = ("bn", "ln", "bias", "logit_scale")
 
 
 def decays_weight(name: str) -> bool:
-    """The seed's rule, by name only: no weight decay on names holding bn, ln, bias or logit_scale."""
+    """The original code's rule, by name only: no weight decay on names holding bn, ln, bias or logit_scale."""
     return not any(key in name for key in NO_DECAY_KEYS)
 
 
 def grouped_names(names: list[str]) -> list[list[str]]:
-    """Parameter names in the seed's group order: [no decay, decay], each in the given order."""
+    """Parameter names in the original code's group order: [no decay, decay], each in the given order."""
     return [[n for n in names if not decays_weight(n)], [n for n in names if decays_weight(n)]]
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with the seed's groups (no decay, then decay), so that the seed's and CyCLIP's
+    """AdamW with the original code's groups (no decay, then decay), so that the original code's and CyCLIP's
     optimizer states fit these groups once their parameters are matched by name.
 
     Fused: one kernel updates every parameter (CPU and CUDA), where torch's default on the CPU is
@@ -75,7 +75,7 @@ def state_by_name(saved: dict, saved_order: list[str], model: torch.nn.Module) -
     if len(groups) != len(saved_groups) or any(len(g["params"]) != len(names)
                                                for g, names in zip(groups, saved_groups)):
         sizes = [len(g["params"]) for g in groups]
-        return None, (f"its parameter groups hold {sizes} parameters, the seed's rule gives "
+        return None, (f"its parameter groups hold {sizes} parameters, the original code's rule gives "
                       f"{[len(names) for names in saved_groups]}")
     name_of = {index: name for g, names in zip(groups, saved_groups) for index, name in zip(g["params"], names)}
     missing = sorted(set(params) - set(name_of.values()))

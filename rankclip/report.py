@@ -93,6 +93,8 @@ def final_epoch(settings: dict[str, str], epochs_logged: set[int]) -> int:
 
 @dataclass(frozen=True)
 class Run:
+    """One finished run folder: its stored settings, its results records by (epoch, split, set) and the epoch reported."""
+
     path: Path
     settings: dict[str, str]
     records: dict[tuple, dict]

@@ -50,7 +50,7 @@ def _is_torchscript(path: Path) -> bool:
 def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint, whatever wrote it.
 
-    Accepts this project's, the seed's, CyCLIP's and open_clip's checkpoints (weights under
+    Accepts this project's, the original RankCLIP code's, CyCLIP's and open_clip's checkpoints (weights under
     "state_dict"), Lightning's ("state_dict" with a "model." prefix), {"model": weights}, and
     plain state dicts (OpenAI/open_clip layout). A prefix is removed only when every key has
     it, so no key of a CLIP model itself is ever renamed.

@@ -56,8 +56,8 @@ def test_optimizer_excludes_norms_biases_and_logit_scale_from_weight_decay():
     model = Tiny()
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3, beta2=0.98, eps=1e-6, weight_decay=0.2))
     decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    # The seed's rule goes by name only: a 1-D class embedding and a BatchNorm named "downsample.1"
-    # are decayed, as in the seed and CyCLIP, so their optimizer states keep their groups' sizes.
+    # The original code's rule goes by name only: a 1-D class embedding and a BatchNorm named "downsample.1"
+    # are decayed, as in the original code and CyCLIP, so their optimizer states keep their groups' sizes.
     assert decay == {id(model.proj.weight), id(model.embedding), id(model.class_embedding),
                      id(model.downsample[0].weight), id(model.downsample[1].weight)}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
