@@ -11,7 +11,7 @@ Cache file: the magic line, a JSON header (format version, the CSV's size, mtime
 and caption columns and the delimiter, the row count, buffer lengths, a CRC-32 of the payload),
 zero padding to 8 bytes, then the path offsets, caption offsets, path bytes and caption bytes.
 A cache whose key differs from the CSV's is rebuilt; one that is truncated or corrupt is rebuilt
-with a warning, never trusted.
+with a warning, never trusted. Written through files.atomic_file, so a cache under its name is whole.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError
+from .config import CsvLayout
+from .errors import DataError
+from .files import atomic_file
 from .logger import log
 
 FORMAT_VERSION = 1
@@ -84,26 +86,26 @@ def _decode(data: np.ndarray, offsets: np.ndarray, i: int) -> str:
     return data[int(offsets[i]):int(offsets[i + 1])].tobytes().decode("utf-8")
 
 
-def open_caption_rows(path: str | Path, image_key: str, caption_key: str, delimiter: str) -> CaptionRows:
+def open_caption_rows(path: str | Path, layout: CsvLayout) -> CaptionRows:
     """The CSV's rows from its cache (built first where missing or stale), checked at start-up:
     the columns exist, there are rows, and one of the first images exists."""
     csv = Path(path).resolve()
-    buffers = load_or_build(csv, image_key, caption_key, delimiter)
+    buffers = load_or_build(csv, layout)
     if len(buffers) == 0:
-        raise ConfigError(f"{path}: has a header but no rows; it needs one row per image")
+        raise DataError(f"{path}: has a header but no rows; it needs one row per image")
     rows = CaptionRows(csv.parent, buffers)
     probe = [rows.image(i) for i in range(min(PROBE_ROWS, len(rows)))]
     if not any(os.path.exists(p) for p in probe):
-        raise ConfigError(f"{path}: none of the first {len(probe)} images exist (e.g. {probe[0]}); "
+        raise DataError(f"{path}: none of the first {len(probe)} images exist (e.g. {probe[0]}); "
                           f"paths are absolute or relative to the CSV's folder")
     return rows
 
 
-def cache_key(csv: Path, image_key: str, caption_key: str, delimiter: str) -> dict:
+def cache_key(csv: Path, layout: CsvLayout) -> dict:
     """What the cache must match: the CSV's size and mtime, and the flags that select its columns."""
     stat = csv.stat()
     return {"version": FORMAT_VERSION, "csv_size": stat.st_size, "csv_mtime_ns": stat.st_mtime_ns,
-            "image_key": image_key, "caption_key": caption_key, "delimiter": delimiter}
+            "image_key": layout.image_key, "caption_key": layout.caption_key, "delimiter": layout.delimiter}
 
 
 def cache_location(csv: Path) -> Path:
@@ -120,11 +122,11 @@ def _can_write(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def load_or_build(csv: Path, image_key: str, caption_key: str, delimiter: str) -> RowBuffers:
+def load_or_build(csv: Path, layout: CsvLayout) -> RowBuffers:
     """The cached buffers when the cache matches the CSV; otherwise one process (per lock file) parses
     the CSV and writes the cache while the others wait, then all map it. Where no cache can be
     written, the parsed buffers are used from memory (forked workers still share them)."""
-    key = cache_key(csv, image_key, caption_key, delimiter)
+    key = cache_key(csv, layout)
     cache = cache_location(csv)
     buffers, problem = read_cache(cache, key)
     if buffers is not None:
@@ -134,14 +136,14 @@ def load_or_build(csv: Path, image_key: str, caption_key: str, delimiter: str) -
         lock = _lock(cache.with_name(cache.name + ".lock"))
     except OSError as e:
         log.warning(f"{csv}: cannot write a row-index cache at {cache} ({e}); parsing the CSV in every process")
-        return parse_csv(csv, image_key, caption_key, delimiter)
+        return parse_csv(csv, layout)
     try:
         buffers, problem = read_cache(cache, key)  # another process may have built it while this one waited
         if buffers is not None:
             return buffers
         if problem is not None:
             log.warning(f"{cache}: {problem}; rebuilding it")
-        buffers = parse_csv(csv, image_key, caption_key, delimiter)
+        buffers = parse_csv(csv, layout)
         try:
             write_cache(cache, key, buffers)
         except OSError as e:
@@ -166,37 +168,39 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def parse_csv(csv: Path, image_key: str, caption_key: str, delimiter: str) -> RowBuffers:
+def parse_csv(csv: Path, layout: CsvLayout) -> RowBuffers:
     """The two columns as buffers, parsed chunk by chunk the way `pd.read_csv(..., dtype=str,
-    keep_default_na=False, quoting=0)` reads them; bad files raise one ConfigError line."""
+    keep_default_na=False, quoting=0)` reads them; bad files raise one DataError line."""
+    image_key, caption_key, delimiter = layout.image_key, layout.caption_key, layout.delimiter
     flag = f"--delimiter {delimiter!r}"
     columns: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {image_key: [], caption_key: []}
     try:
         with pd.read_csv(csv, sep=delimiter, dtype=str, keep_default_na=False, quoting=0,
                          chunksize=CHUNK_ROWS) as reader:
             for chunk in reader:
-                _check_columns(csv, list(chunk.columns), image_key, caption_key, delimiter)
+                _check_columns(csv, list(chunk.columns), layout)
                 for name, parts in columns.items():
                     parts.append(_flatten(chunk[name].to_numpy()))
     except pd.errors.EmptyDataError as e:
-        raise ConfigError(f"{csv}: the file is empty; it needs a header row and one row per image") from e
+        raise DataError(f"{csv}: the file is empty; it needs a header row and one row per image") from e
     except pd.errors.ParserError as e:
-        raise ConfigError(f"{csv}: cannot be parsed with {flag} ({str(e).strip()}); check --delimiter") from e
+        raise DataError(f"{csv}: cannot be parsed with {flag} ({str(e).strip()}); check --delimiter") from e
     path_offsets, path_bytes = _join(columns[image_key])
     caption_offsets, caption_bytes = _join(columns[caption_key])
     return RowBuffers(path_offsets, caption_offsets, path_bytes, caption_bytes)
 
 
-def _check_columns(csv: Path, columns: list[str], image_key: str, caption_key: str, delimiter: str) -> None:
+def _check_columns(csv: Path, columns: list[str], layout: CsvLayout) -> None:
+    image_key, caption_key, delimiter = layout.image_key, layout.caption_key, layout.delimiter
     missing = [key for key in (image_key, caption_key) if key not in columns]
     if not missing:
         return
     other = "\t" if delimiter == "," else ","
     if len(columns) == 1 and other in columns[0]:
-        raise ConfigError(f"{csv}: only one column with --delimiter {delimiter!r}, but the header contains "
+        raise DataError(f"{csv}: only one column with --delimiter {delimiter!r}, but the header contains "
                           f"{other!r}; pass --delimiter {other!r}" + (" (as $'\\t')" if other == "\t" else ""))
     flags = {image_key: "--image_key", caption_key: "--caption_key"}
-    raise ConfigError(f"{csv}: no column {', '.join(repr(m) for m in missing)} "
+    raise DataError(f"{csv}: no column {', '.join(repr(m) for m in missing)} "
                       f"(columns: {', '.join(columns)}); set {' and '.join(flags[m] for m in missing)}")
 
 
@@ -222,26 +226,12 @@ def _header(key: dict, buffers: RowBuffers, crc: int) -> bytes:
 
 
 def write_cache(cache: Path, key: dict, buffers: RowBuffers) -> None:
-    """Write the cache atomically: a temporary file beside it, fsynced, renamed over it, and the
-    folder fsynced; a failed write (a full disk) leaves no file behind."""
-    crc = _crc(buffers)
-    temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            f.write(_header(key, buffers, crc))
-            for array in buffers.arrays():
-                f.write(array.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, cache)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    folder = os.open(cache.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """Write the cache atomically (`files.atomic_file`): a failed write (a full disk) leaves no file."""
+    header = _header(key, buffers, _crc(buffers))
+    with atomic_file(cache) as f:
+        f.write(header)
+        for array in buffers.arrays():
+            f.write(array.data)
 
 
 def read_cache(cache: Path, key: dict) -> tuple[Optional[RowBuffers], Optional[str]]:

@@ -8,13 +8,10 @@ boundary replays exactly what an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, Optional
 
-import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
@@ -22,7 +19,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default
 from .augment import AugmentedImage, augment_caption
 from .collectives import rank_block
 from .config import CsvLayout, DataConfig
-from .errors import ConfigError, DataError
+from .csv_index import CaptionRows, open_caption_rows
+from .errors import ConfigError
 from .runtime import Runtime
 
 MAX_SUBSTITUTIONS = 10  # consecutive unreadable images tolerated before a sample gives up
@@ -80,39 +78,9 @@ class SampleMaker:
         return sample
 
 
-def read_caption_csv(path: str, layout: CsvLayout) -> tuple[list[str], list[str]]:
-    """Image paths (made absolute against the CSV's folder) and captions, checked at start-up."""
-    image_key, caption_key, delimiter = layout.image_key, layout.caption_key, layout.delimiter
-    flag = f"--delimiter {delimiter!r}"
-    try:
-        frame = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False, quoting=0)
-    except pd.errors.EmptyDataError as e:
-        raise DataError(f"{path}: the file is empty; it needs a header row and one row per image") from e
-    except pd.errors.ParserError as e:
-        raise DataError(f"{path}: cannot be parsed with {flag} ({str(e).strip()}); check --delimiter") from e
-    columns = list(frame.columns)
-    missing = [key for key in (image_key, caption_key) if key not in columns]
-    if missing:
-        other = "\t" if delimiter == "," else ","
-        if len(columns) == 1 and other in columns[0]:
-            raise DataError(f"{path}: only one column with {flag}, but the header contains {other!r}; "
-                              f"pass --delimiter {other!r}" + (" (as $'\\t')" if other == "\t" else ""))
-        flags = {image_key: "--image_key", caption_key: "--caption_key"}
-        raise DataError(f"{path}: no column {', '.join(repr(m) for m in missing)} "
-                          f"(columns: {', '.join(columns)}); set {' and '.join(flags[m] for m in missing)}")
-    if len(frame) == 0:
-        raise DataError(f"{path}: has a header but no rows; it needs one row per image")
-    root = Path(path).resolve().parent
-    images = [str(root / p) for p in frame[image_key].tolist()]
-    probe = images[:16]
-    if not any(os.path.exists(p) for p in probe):
-        raise DataError(f"{path}: none of the first {len(probe)} images exist (e.g. {probe[0]}); "
-                          f"paths are absolute or relative to the CSV's folder")
-    return images, frame[caption_key].tolist()
-
-
 class CaptionDataset(Dataset):
-    """(image, tokenized caption) pairs from a CSV; indexed by (epoch, index) for seeded augmentation.
+    """(image, tokenized caption) pairs from a CSV's row index; indexed by (epoch, index) for seeded
+    augmentation. A row's path and caption are decoded from the shared index when it is read.
 
     For training (`substitute`), an unreadable image is replaced by the next readable one (so every
     batch keeps its size and processes stay in step) and its path is reported with the sample, to
@@ -121,31 +89,33 @@ class CaptionDataset(Dataset):
     in the same batch, and two identical pairs hold the contrastive loss above log 2).
     """
 
-    def __init__(self, images: Sequence[str], captions: Sequence[str], make_sample: SampleMaker, seed: int,
-                 min_size: Optional[int] = None, substitute: bool = True) -> None:
-        self.images, self.captions = list(images), list(captions)
+    def __init__(self, rows: CaptionRows, make_sample: SampleMaker, seed: int, min_size: Optional[int] = None,
+                 substitute: bool = True) -> None:
+        self.rows = rows
         self.make_sample, self.seed, self.min_size, self.substitute = make_sample, seed, min_size, substitute
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.rows)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         if not self.substitute:
-            image = load_image(self.images[index], self.min_size)
+            path = self.rows.image(index)
+            image = load_image(path, self.min_size)
             if image is None:
-                return {"failed": [self.images[index]]}
-            return self.make_sample(image, self.captions[index], sample_seed(self.seed, epoch, index), [])
+                return {"failed": [path]}
+            return self.make_sample(image, self.rows.caption(index), sample_seed(self.seed, epoch, index), [])
         failed = []
         for attempt in range(MAX_SUBSTITUTIONS):
             i = (index + attempt) % len(self)
-            image = load_image(self.images[i], self.min_size)
+            path = self.rows.image(i)
+            image = load_image(path, self.min_size)
             if image is not None:
                 break
-            failed.append(self.images[i])
+            failed.append(path)
         else:
             raise RuntimeError(f"{MAX_SUBSTITUTIONS} consecutive images cannot be read, e.g. {failed[:3]}")
-        return self.make_sample(image, self.captions[i], sample_seed(self.seed, epoch, index), failed)
+        return self.make_sample(image, self.rows.caption(i), sample_seed(self.seed, epoch, index), failed)
 
 
 def collate_samples(samples: list[dict]) -> dict:
@@ -175,6 +145,9 @@ class GlobalBatchSampler(Sampler):
     batch / world, and yields them as `micro_batches` consecutive batches of global_batch /
     world. So the samples of a step, and the rows each process holds, are the same whether a
     step is one batch of K·B or K micro-batches of B (gradient caching).
+
+    The permutation stays a tensor (8 bytes a sample; a list of Python ints takes 36, 410 MiB
+    at 12M samples): only each step's slice becomes Python ints.
     """
 
     def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
@@ -208,13 +181,13 @@ class GlobalBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            order = torch.randperm(self.num_samples, generator=generator)
         else:
-            order = list(range(self.num_samples))
+            order = torch.arange(self.num_samples)
         step_batch = self.global_batch * self.micro_batches
         local, micro = step_batch // self.world, self.global_batch // self.world
         for b in range(self.start_step, self.steps):
-            batch = order[b * step_batch:(b + 1) * step_batch]
+            batch = order[b * step_batch:(b + 1) * step_batch].tolist()
             if len(batch) < step_batch:  # the last, partial batch of an evaluation pass
                 yield [(self.epoch, i) for i in batch[self.rank::self.world]]
                 continue
@@ -249,8 +222,8 @@ def build_caption_loader(path: str, layout: CsvLayout, source: SampleSource, bat
     Validation: this process's contiguous block of the rows (`rank_block`), in order, in batches of
     `global_batch`, unreadable rows skipped; gathering the blocks in rank order gives every row once.
     """
-    images, captions = read_caption_csv(path, layout)
-    dataset = CaptionDataset(images, captions, source.make_sample, batches.seed, source.min_size, substitute=train)
+    rows = open_caption_rows(path, layout)
+    dataset = CaptionDataset(rows, source.make_sample, batches.seed, source.min_size, substitute=train)
     rank, world = runtime.rank, runtime.world_size
     if train:
         sampler = GlobalBatchSampler(len(dataset), batches.global_batch, batches.seed, rank, world,

@@ -30,7 +30,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .collectives import rank_block
 from .config import CsvLayout
-from .data import load_image, read_caption_csv
+from .csv_index import open_caption_rows
+from .data import load_image
 from .errors import ConfigError, DataError
 from .runtime import Runtime
 
@@ -181,9 +182,10 @@ def imagenet_wnids() -> tuple[str, ...]:
 
 
 def _labels_csv_set(name: str, root: Path, transform: Callable) -> LabeledSet:
-    images, label_strings = read_caption_csv(str(root / "labels.csv"), CsvLayout("image", "label", ","))
+    rows = open_caption_rows(root / "labels.csv", CsvLayout("image", "label", ","))
+    images = [rows.image(i) for i in range(len(rows))]
     try:
-        labels = [int(v) for v in label_strings]
+        labels = [int(rows.caption(i)) for i in range(len(rows))]
     except ValueError as e:
         raise DataError(f"{root / 'labels.csv'}: labels must be integers ({e})") from e
     if (root / "classes.py").is_file():
@@ -301,9 +303,10 @@ class RetrievalSet:
 
 def load_retrieval_set(path: str | Path, layout: CsvLayout, transform: Callable) -> RetrievalSet:
     """An image-caption CSV as a retrieval set: rows with the same image path share the image."""
-    paths, captions = read_caption_csv(str(path), layout)
+    rows = open_caption_rows(path, layout)
+    captions = [rows.caption(i) for i in range(len(rows))]
     index: dict[str, int] = {}
-    caption_image = [index.setdefault(p, len(index)) for p in paths]
+    caption_image = [index.setdefault(rows.image(i), len(index)) for i in range(len(rows))]
     images = LabeledImages(list(index), range(len(index)), transform)
     return RetrievalSet(Path(path).stem, images, captions, torch.tensor(caption_image))
 

@@ -7,7 +7,8 @@ from PIL import Image
 
 from rankclip.config import CsvLayout
 from rankclip.augment import AugmentedImage, augment_caption, delete_words, insert_words, swap_words
-from rankclip.data import CaptionDataset, SampleMaker, read_caption_csv
+from rankclip.csv_index import open_caption_rows
+from rankclip.data import CaptionDataset, SampleMaker
 
 WORDS = "a small red circle near the top of a grey background".split()
 
@@ -36,10 +37,10 @@ def test_caption_edits_are_seeded():
 
 
 def test_inmodal_samples_carry_seeded_second_views(colour_data):
-    images, captions = read_caption_csv(str(colour_data["train"]), CsvLayout("image", "caption", ","))
+    rows = open_caption_rows(colour_data["train"], CsvLayout("image", "caption", ","))
     transform = lambda image: torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.float32))  # noqa: E731
     tokenizer = lambda texts: torch.tensor([[sum(map(ord, t)), len(t.split())] for t in texts])  # noqa: E731
-    dataset = CaptionDataset(images, captions, SampleMaker(transform, tokenizer, inmodal=True), seed=0)
+    dataset = CaptionDataset(rows, SampleMaker(transform, tokenizer, inmodal=True), seed=0)
     first, again = dataset[(1, 7)], dataset[(1, 7)]
     assert {"augmented_image", "augmented_text"} <= set(first)
     assert torch.equal(first["augmented_image"], again["augmented_image"])

@@ -13,8 +13,11 @@ import pandas as pd
 import pytest
 
 from rankclip import csv_index
+from rankclip.config import CsvLayout
 from rankclip.csv_index import CACHE_SUFFIX, open_caption_rows
 from rankclip.logger import log
+
+LAYOUT = CsvLayout("image", "caption", ",")
 
 
 @pytest.fixture(autouse=True)
@@ -54,8 +57,8 @@ def test_rows_read_as_pandas_reads_them_with_paths_joined_to_the_csv_folder(tmp_
                                 ("/abs/c.png", '"two\nlines, and ""more"""'), ("d.png", ""), ("é.png", "café 漢字")])
     frame = pd.read_csv(csv, sep=",", dtype=str, keep_default_na=False, quoting=0)
     expected = [(str(tmp_path / p), c) for p, c in zip(frame["image"].tolist(), frame["caption"].tolist())]
-    built = open_caption_rows(csv, "image", "caption", ",")
-    cached = open_caption_rows(csv, "image", "caption", ",")
+    built = open_caption_rows(csv, LAYOUT)
+    cached = open_caption_rows(csv, LAYOUT)
     assert read_all(built) == read_all(cached) == expected
     assert expected[2] == ("/abs/c.png", 'two\nlines, and "more"') and expected[1][0] == str(tmp_path / "sub/b.png")
     assert [cached.relative_path(i) for i in range(5)] == frame["image"].tolist()
@@ -65,7 +68,7 @@ def test_chunked_parse_gives_the_whole_file_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(csv_index, "CHUNK_ROWS", 3)
     csv = write_rows(tmp_path, [(f"{i}.png", f'"row {i}, quoted\nline"') for i in range(10)])
     frame = pd.read_csv(csv, sep=",", dtype=str, keep_default_na=False, quoting=0)
-    buffers = csv_index.parse_csv(csv, "image", "caption", ",")
+    buffers = csv_index.parse_csv(csv, LAYOUT)
     rows = csv_index.CaptionRows(tmp_path, buffers)
     assert [rows.caption(i) for i in range(10)] == frame["caption"].tolist()
 
@@ -73,9 +76,9 @@ def test_chunked_parse_gives_the_whole_file_rows(tmp_path, monkeypatch):
 def test_the_cache_is_built_once_then_mapped(tmp_path, counted_parses, caplog):
     csv = many_rows(tmp_path, 50)
     with caplog.at_level(logging.INFO, logger="rankclip"):
-        first = read_all(open_caption_rows(csv, "image", "caption", ","))
+        first = read_all(open_caption_rows(csv, LAYOUT))
     assert f"50 rows indexed into {csv}{CACHE_SUFFIX}" in caplog.text
-    second = open_caption_rows(csv, "image", "caption", ",")
+    second = open_caption_rows(csv, LAYOUT)
     assert len(counted_parses) == 1 and read_all(second) == first
     assert all(maps_a_file(a) for a in second.buffers.arrays())
 
@@ -89,26 +92,26 @@ def maps_a_file(array) -> bool:
 
 def test_the_cache_is_rebuilt_when_the_csv_or_the_flags_change(tmp_path, counted_parses):
     csv = many_rows(tmp_path, 20)
-    open_caption_rows(csv, "image", "caption", ",")
+    open_caption_rows(csv, LAYOUT)
     stat = csv.stat()
     os.utime(csv, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched, same size
-    open_caption_rows(csv, "image", "caption", ",")
+    open_caption_rows(csv, LAYOUT)
     assert len(counted_parses) == 2
     with open(csv, "a") as f:
         f.write("a.png,an appended row\n")
     os.utime(csv, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # grown, mtime put back
-    rows = open_caption_rows(csv, "image", "caption", ",")
+    rows = open_caption_rows(csv, LAYOUT)
     assert len(counted_parses) == 3 and rows.caption(20) == "an appended row"
-    swapped = csv_index.load_or_build(csv, "caption", "image", ",")  # other column flags
+    swapped = csv_index.load_or_build(csv, CsvLayout("caption", "image", ","))  # other column flags
     assert len(counted_parses) == 4 and csv_index.CaptionRows(tmp_path, swapped).caption(1) == "images/0000001.jpg"
-    csv_index.load_or_build(csv, "caption", "image", ",")
+    csv_index.load_or_build(csv, CsvLayout("caption", "image", ","))
     assert len(counted_parses) == 4
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_payload", "garbage_header", "empty"])
 def test_a_damaged_cache_is_rebuilt_with_one_warning(tmp_path, counted_parses, caplog, damage):
     csv = many_rows(tmp_path, 30)
-    expected = read_all(open_caption_rows(csv, "image", "caption", ","))
+    expected = read_all(open_caption_rows(csv, LAYOUT))
     cache = Path(f"{csv}{CACHE_SUFFIX}")
     data = bytearray(cache.read_bytes())
     if damage == "truncate":
@@ -121,12 +124,12 @@ def test_a_damaged_cache_is_rebuilt_with_one_warning(tmp_path, counted_parses, c
         data = bytearray()
     cache.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="rankclip"):
-        rows = open_caption_rows(csv, "image", "caption", ",")
+        rows = open_caption_rows(csv, LAYOUT)
     assert read_all(rows) == expected and len(counted_parses) == 2
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "rebuilding it" in warnings[0].getMessage()
     caplog.clear()
-    open_caption_rows(csv, "image", "caption", ",")
+    open_caption_rows(csv, LAYOUT)
     assert len(counted_parses) == 2 and not caplog.records  # the rebuilt cache is good
 
 
@@ -138,11 +141,10 @@ def test_a_failed_write_leaves_no_cache_and_the_parsed_rows_serve(tmp_path, monk
 
     monkeypatch.setattr(csv_index.os, "fsync", full_disk)
     with caplog.at_level(logging.WARNING, logger="rankclip"):
-        rows = open_caption_rows(csv, "image", "caption", ",")
+        rows = open_caption_rows(csv, LAYOUT)
     assert rows.caption(3) == "a photo number 3 of a dog, maybe"
     assert "could not be written" in caplog.text and "No space left" in caplog.text
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f"{csv.name}{CACHE_SUFFIX}") and
-                not p.name.endswith(".lock")]
+    assert {p.name for p in tmp_path.iterdir()} == {"a.png", csv.name, f"{csv.name}{CACHE_SUFFIX}.lock"}
 
 
 def test_a_read_only_folder_puts_the_cache_under_the_cache_directory(tmp_path, monkeypatch, caplog):
@@ -150,7 +152,7 @@ def test_a_read_only_folder_puts_the_cache_under_the_cache_directory(tmp_path, m
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(csv_index, "_can_write", lambda folder: folder != csv.parent)
     with caplog.at_level(logging.INFO, logger="rankclip"):
-        rows = open_caption_rows(csv, "image", "caption", ",")
+        rows = open_caption_rows(csv, LAYOUT)
     cached = list((tmp_path / "cache" / "rankclip").glob(f"data.csv.*{CACHE_SUFFIX}"))
     assert len(cached) == 1 and f"indexed into {cached[0]}" in caplog.text
     assert not list(csv.parent.glob(f"*{CACHE_SUFFIX}*"))
@@ -167,7 +169,7 @@ def _open_slowly(csv: str, out, parses) -> None:
         return parse(*args)
 
     csv_index.parse_csv = slow_parse
-    rows = open_caption_rows(csv, "image", "caption", ",")
+    rows = open_caption_rows(csv, LAYOUT)
     out.put(read_all(rows))
 
 
@@ -211,7 +213,7 @@ def growth_reading_in_a_fork(read, count: int) -> float:
 def test_a_forked_worker_reads_every_row_without_copying_the_index(tmp_path):
     count, bound_mib = 200_000, 16
     csv = many_rows(tmp_path, count)
-    rows = open_caption_rows(csv, "image", "caption", ",")
+    rows = open_caption_rows(csv, LAYOUT)
     assert growth_reading_in_a_fork(lambda i: (rows.image(i), rows.caption(i)), count) < bound_mib
     frame = pd.read_csv(csv, sep=",", dtype=str, keep_default_na=False, quoting=0)
     images, captions = [str(tmp_path / p) for p in frame["image"]], frame["caption"].tolist()
@@ -222,10 +224,10 @@ def test_a_forked_worker_reads_every_row_without_copying_the_index(tmp_path):
 def test_the_index_holds_no_python_object_per_row(tmp_path):
     count = 50_000
     csv = many_rows(tmp_path, count)
-    open_caption_rows(csv, "image", "caption", ",")  # build the cache
+    open_caption_rows(csv, LAYOUT)  # build the cache
     gc.collect()
     before = sys.getallocatedblocks()
-    rows = open_caption_rows(csv, "image", "caption", ",")
+    rows = open_caption_rows(csv, LAYOUT)
     gc.collect()
     assert (sys.getallocatedblocks() - before) / count < 0.05
     assert len(rows) == count

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from rankclip.config import CsvLayout
-from rankclip.data import read_caption_csv
+from rankclip.csv_index import open_caption_rows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "utils" / "download.py"
@@ -141,8 +141,9 @@ def test_csv_lists_exactly_the_good_images_with_their_captions(cc3m):
     for row in rows:
         assert not Path(row["image"]).is_absolute()
         assert_colour(out / row["image"], GOOD[row["caption"]])
-    images, captions = read_caption_csv(str(out / "train.csv"), CsvLayout("image", "caption", ","))
-    assert sorted(captions) == sorted(GOOD) and all(Path(p).is_file() for p in images)
+    index = open_caption_rows(out / "train.csv", CsvLayout("image", "caption", ","))
+    assert sorted(index.caption(i) for i in range(len(index))) == sorted(GOOD)
+    assert all(Path(index.image(i)).is_file() for i in range(len(index)))
 
 
 @pytest.mark.e2e

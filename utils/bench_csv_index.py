@@ -64,8 +64,9 @@ def private_kib() -> int:
 def load(loader: str, csv: Path):
     """(row count, read(i) -> (path, caption), index bytes) for one loader."""
     if loader == "rankclip index":
+        from rankclip.config import CsvLayout
         from rankclip.csv_index import open_caption_rows
-        rows = open_caption_rows(csv, "filepath", "title", ",")
+        rows = open_caption_rows(csv, CsvLayout("filepath", "title", ","))
         size = sum(a.nbytes for a in rows.buffers.arrays())
         return len(rows), lambda i: (rows.image(i), rows.caption(i)), size
     if loader == "list-based (before)":
