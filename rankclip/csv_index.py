@@ -119,6 +119,7 @@ def cache_location(csv: Path) -> Path:
 
 
 def _can_write(folder: Path) -> bool:
+    """Whether this process may create files in `folder` (False on a read-only mount, even for root)."""
     return os.access(folder, os.W_OK)
 
 
@@ -128,7 +129,7 @@ def load_or_build(csv: Path, layout: CsvLayout) -> RowBuffers:
     written, the parsed buffers are used from memory (forked workers still share them)."""
     key = cache_key(csv, layout)
     cache = cache_location(csv)
-    buffers, problem = read_cache(cache, key)
+    buffers, _ = read_cache(cache, key)
     if buffers is not None:
         return buffers
     try:
@@ -149,8 +150,9 @@ def load_or_build(csv: Path, layout: CsvLayout) -> RowBuffers:
         except OSError as e:
             log.warning(f"{csv}: the row-index cache {cache} could not be written ({e}); using the parsed rows")
             return buffers
-        log.info(f"{csv}: {len(buffers)} rows indexed into {cache}")
-        mapped, problem = read_cache(cache, key)
+        elsewhere = "" if cache.parent == csv.parent else " (the CSV's folder is not writable)"
+        log.info(f"{csv}: {len(buffers)} rows indexed into {cache}{elsewhere}")
+        mapped, _ = read_cache(cache, key)
         return mapped if mapped is not None else buffers
     finally:
         os.close(lock)  # closing the descriptor releases the lock
