@@ -106,8 +106,12 @@ class ModelConfig:
 
     model_name: str = setting("RN50", "RN50, RN101, RN50x4, ViT-B/32, any open_clip name, or configs/*.json "
                               "(default {default})", type=str)
-    pretrained: Optional[str] = setting(None, "start from OpenAI's weights (no value) or a local weights file",
-                                        nargs="?", const="openai")
+    pretrained: Optional[str] = setting(None, "start from OpenAI's weights (no value), from released weights by "
+                                        "their open_clip tag (e.g. laion2b_s34b_b79k; see open_clip."
+                                        "list_pretrained_tags_by_model), read from the local cache, or from a local "
+                                        "weights file", nargs="?", const="openai")
+    cache_dir: Optional[str] = setting(None, "the open_clip/Hugging Face cache --pretrained tags are read from "
+                                       "(default: the Hugging Face hub cache, under HF_HOME)", type=str)
     grad_checkpointing: bool = setting(False, "recompute activations in backward to save memory",
                                        action="store_true")
 

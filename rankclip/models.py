@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import difflib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import open_clip
 import torch
@@ -19,7 +19,7 @@ from huggingface_hub import constants as hub_constants
 
 from .config import REPO_ROOT, ModelConfig
 from .errors import ConfigError
-from .weights import load_model_weights
+from .weights import cached_tag_weights, load_model_weights
 
 ORIGINAL_MODEL_NAMES = {
     "RN50": "RN50-quickgelu",
@@ -28,6 +28,7 @@ ORIGINAL_MODEL_NAMES = {
     "ViT-B/32": "ViT-B-32-quickgelu",
 }
 OPENAI_WEIGHTS = "openai"
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 open_clip.add_model_config(REPO_ROOT / "configs")
 
@@ -65,50 +66,50 @@ def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) 
     (open_clip supports it in ViT towers and the text tower; ResNet towers run as usual).
     """
     open_clip_name = resolve_model_name(model.model_name)
-    pretrained = model.pretrained
-    openai = pretrained == OPENAI_WEIGHTS
-    if openai:
-        network, train_transform, val_transform = _with_openai_weights(open_clip_name, device)
-    else:
-        if pretrained:
-            _check_weights_file(pretrained)
-        network, train_transform, val_transform = open_clip.create_model_and_transforms(open_clip_name, device=device)
-        if pretrained:  # a local file: imported strictly into the architecture
-            load_model_weights(network, pretrained)
+    tag, weights_file = pretrained_source(open_clip_name, model.pretrained)
+    if tag is not None:
+        cached_tag_weights(open_clip_name, tag, model.cache_dir)
+    with _hub_offline():  # the tag's file is cached: open_clip reads it (and the tag's preprocessing) from there
+        network, train_transform, val_transform = open_clip.create_model_and_transforms(
+            open_clip_name, pretrained=tag, device=device, cache_dir=model.cache_dir)
+    if weights_file is not None:  # a local file: imported strictly into the architecture
+        load_model_weights(network, weights_file)
     network.set_grad_checkpointing(model.grad_checkpointing)
-    tokenizer = open_clip.get_tokenizer(open_clip_name)
+    tokenizer = open_clip.get_tokenizer(open_clip_name, cache_dir=model.cache_dir)
     size = open_clip.get_model_config(open_clip_name)["vision_cfg"]["image_size"]
     image_size = max(size) if isinstance(size, (list, tuple)) else int(size)
     return ModelBundle(network, train_transform, val_transform, tokenizer, open_clip_name, image_size)
 
 
-def _with_openai_weights(open_clip_name: str, device: torch.device) -> tuple:
-    """open_clip's model with OpenAI's weights: from the local cache first, then by download."""
-    if OPENAI_WEIGHTS not in open_clip.list_pretrained_tags_by_model(open_clip_name):
-        raise ConfigError(f"--pretrained: OpenAI released no weights for {open_clip_name}; "
-                          f"pass --pretrained PATH to a weights file")
-    create = partial(open_clip.create_model_and_transforms, open_clip_name, pretrained=OPENAI_WEIGHTS, device=device)
+def pretrained_source(open_clip_name: str, pretrained: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(open_clip tag, local weights file) that --pretrained names, at most one of them: a tag of the model
+    (open_clip's spelling rules: any case, '-' for '_'), else an existing file."""
+    if pretrained is None:
+        return None, None
+    if open_clip.get_pretrained_cfg(open_clip_name, pretrained):
+        return pretrained, None
+    if os.path.isfile(pretrained):
+        return None, pretrained
+    if os.sep in pretrained or "/" in pretrained or os.path.splitext(pretrained)[1] in WEIGHTS_SUFFIXES:
+        raise ConfigError(f"--pretrained {pretrained}: no such file; pass a weights file, a tag of {open_clip_name} "
+                          f"or --pretrained alone for OpenAI's")
+    tags = open_clip.list_pretrained_tags_by_model(open_clip_name)
+    others = open_clip.list_pretrained_models_by_tag(pretrained)
+    unknown = (f"OpenAI released no weights for {open_clip_name}" if pretrained == OPENAI_WEIGHTS
+               else f"{open_clip_name} has no released weights {pretrained!r} (nor is it a file)")
+    elsewhere = (f"; it is a tag of --model_name {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}"
+                 if others and pretrained != OPENAI_WEIGHTS else "")
+    raise ConfigError(f"--pretrained: {unknown}; its tags: {', '.join(tags) or 'none'}{elsewhere}; "
+                      f"or pass --pretrained PATH to a weights file")
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face hub calls answer from the local cache only, never from the network."""
     offline = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
     try:
-        hub_constants.HF_HUB_OFFLINE = True  # no network round trips when the weights are cached
-        return create()
-    except Exception:  # not cached: fall through to a download
-        pass
+        yield
     finally:
         hub_constants.HF_HUB_OFFLINE = offline
-    if offline:
-        error: Exception = RuntimeError("HF_HUB_OFFLINE is set")
-    else:
-        try:
-            return create()
-        except Exception as e:  # open_clip raises many kinds when a download is impossible
-            error = e
-    raise ConfigError(
-        f"--pretrained: OpenAI weights for {open_clip_name} are not in open_clip's cache and cannot be "
-        f"downloaded here ({type(error).__name__}); download them where there is network and pass "
-        f"--pretrained PATH/TO/weights.pt") from error
 
-
-def _check_weights_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--pretrained {path}: no such file; pass a weights file, or --pretrained alone for OpenAI's")
