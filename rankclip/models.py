@@ -60,7 +60,7 @@ def resolve_model_name(name: str) -> str:
 
 def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) -> ModelBundle:
     """Create the --model_name model with fp32 weights (autocast handles mixed precision) on `device`,
-    from --pretrained weights when given.
+    from --pretrained weights when given, its towers locked as --lock_image / --lock_text say.
 
     --grad_checkpointing recomputes the transformers' block activations during backward
     (open_clip supports it in ViT towers and the text tower; ResNet towers run as usual).
@@ -74,6 +74,7 @@ def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) 
             open_clip_name, pretrained=tag, device=device, cache_dir=model.cache_dir)
     if weights_file is not None:  # a local file: imported strictly into the architecture
         load_model_weights(network, weights_file)
+    lock_towers(network, model, open_clip_name)
     network.set_grad_checkpointing(model.grad_checkpointing)
     tokenizer = open_clip.get_tokenizer(open_clip_name, cache_dir=model.cache_dir)
     size = open_clip.get_model_config(open_clip_name)["vision_cfg"]["image_size"]
@@ -113,3 +114,72 @@ def _hub_offline() -> Iterator[None]:
     finally:
         hub_constants.HF_HUB_OFFLINE = offline
 
+
+def lock_towers(network: torch.nn.Module, model: ModelConfig, open_clip_name: str) -> None:
+    """--lock_image / --lock_text through open_clip's own lock_image_tower / lock_text_tower (LiT): the
+    locked parameters get requires_grad=False, so they get no gradient, no optimizer state and no weight
+    decay. A lock the model cannot honour (a partial lock of a ResNet tower, more unlocked groups than
+    the tower has, ...) is one line."""
+    if model.lock_image:
+        counts = {k: v for k, v in network.state_dict().items() if k.endswith("num_batches_tracked")}
+        _lock(network, lambda n: network.lock_image_tower(unlocked_groups=n, freeze_bn_stats=False),
+              model.lock_image_unlocked_groups, "image", "--lock_image", "--lock_image_unlocked_groups", open_clip_name)
+        if model.lock_image_freeze_bn_stats:
+            network.lock_image_tower(unlocked_groups=model.lock_image_unlocked_groups, freeze_bn_stats=True)
+            _keep_state_dict_keys(network, counts)
+    if model.lock_text:
+        _lock(network, lambda n: network.lock_text_tower(unlocked_layers=n,
+                                                         freeze_layer_norm=model.lock_text_freeze_layer_norm),
+              model.lock_text_unlocked_layers, "text", "--lock_text", "--lock_text_unlocked_layers", open_clip_name)
+
+
+def _lock(network: torch.nn.Module, lock: Callable[[int], None], unlocked: int, tower: str, flag: str,
+          unlocked_flag: str, open_clip_name: str) -> None:
+    """`lock(unlocked)`, checked: open_clip's locks raise on what a tower does not support, and silently
+    unlock the whole tower when asked for more groups than it has (then one group more unlocks nothing)."""
+    given = flag + (f" {unlocked_flag} {unlocked}" if unlocked else "")
+    try:
+        if unlocked:
+            lock(unlocked - 1)
+            fewer = trainable_count(network)
+        lock(unlocked)
+    except (AssertionError, RuntimeError) as e:
+        hint = "lock it whole (no unlocked groups)" if tower == "image" else "add --lock_text_freeze_layer_norm"
+        raise ConfigError(f"{given}: open_clip cannot lock the {tower} tower of {open_clip_name} so ({e}); "
+                          f"{hint}") from e
+    if unlocked and trainable_count(network) == fewer:
+        groups = next(n for n in range(unlocked) if not _unlocks_more(network, lock, n))
+        raise ConfigError(f"{given}: open_clip divides the {tower} tower of {open_clip_name} into {groups} layer "
+                          f"groups; pass {unlocked_flag} {groups} or fewer")
+
+
+def _unlocks_more(network: torch.nn.Module, lock: Callable[[int], None], groups: int) -> bool:
+    """Whether leaving `groups` + 1 groups unlocked trains more parameters than leaving `groups`."""
+    lock(groups)
+    before = trainable_count(network)
+    lock(groups + 1)
+    return trainable_count(network) > before
+
+
+def _keep_state_dict_keys(network: torch.nn.Module, counts: dict[str, torch.Tensor]) -> None:
+    """open_clip's freeze_bn_stats swaps BatchNorm2d for torchvision's FrozenBatchNorm2d, whose state_dict
+    lacks num_batches_tracked: the key is put back (its value as frozen), so that checkpoints keep the
+    architecture's keys and load strictly into open_clip.create_model (FrozenBatchNorm2d drops it again
+    when loading)."""
+    kept = network.state_dict()
+    for key, count in counts.items():
+        if key not in kept:
+            module_name, name = key.rsplit(".", 1)
+            network.get_submodule(module_name).register_state_dict_post_hook(
+                lambda module, state, prefix, metadata, name=name, count=count: state.__setitem__(prefix + name,
+                                                                                                   count))
+
+
+def trainable_count(network: torch.nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def describe_parameters(network: torch.nn.Module) -> str:
+    """How many parameters the model has and how many of them train (locked towers' do not)."""
+    total = sum(p.numel() for p in network.parameters())
+    return f"{total / 1e6:.2f}M parameters, {trainable_count(network) / 1e6:.2f}M of them train"
