@@ -168,7 +168,12 @@ def test_a_mid_epoch_resume_continues_the_locked_run_exactly(straight, released,
         return at_step(self, step, may_save)
 
     monkeypatch.setattr(SavePoints, "at_step", signal_at_step_11)
-    assert main(argv) == EXIT_PREEMPTED
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        assert main(argv) == EXIT_PREEMPTED
+    finally:  # a stopped run ignores further stop signals: give this process its handlers back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     latest = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "epoch_latest.pt")
     assert latest["position"]["epoch"] == 2 and latest["step"] == 11
     assert_tower_unchanged(torch.load(released, weights_only=True), latest["state_dict"])
