@@ -102,7 +102,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture (open_clip) and the weights it starts from."""
+    """The architecture (open_clip), the weights it starts from and which of them train."""
 
     model_name: str = setting("RN50", "RN50, RN101, RN50x4, ViT-B/32, any open_clip name, or configs/*.json "
                               "(default {default})", type=str)
