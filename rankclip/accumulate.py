@@ -79,5 +79,6 @@ def cached_gradient_step(model: torch.nn.Module, batches: list[dict], encode: Ca
             # backward, whose all-reduce under DDP expects a gradient for every parameter.
             if last:
                 surrogate = surrogate + (features["logit_scale"] * logit_scale.grad).sum()
-            backward(surrogate)
+            if surrogate.requires_grad:  # not when both towers are locked: then only the logit scale trains
+                backward(surrogate)
     return {k: v.detach() for k, v in losses.items()}, logit_scale.detach()

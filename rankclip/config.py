@@ -102,14 +102,39 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture (open_clip) and the weights it starts from."""
+    """The architecture (open_clip), the weights it starts from and which of them train."""
 
     model_name: str = setting("RN50", "RN50, RN101, RN50x4, ViT-B/32, any open_clip name, or configs/*.json "
                               "(default {default})", type=str)
-    pretrained: Optional[str] = setting(None, "start from OpenAI's weights (no value) or a local weights file",
-                                        nargs="?", const="openai")
+    pretrained: Optional[str] = setting(None, "start from OpenAI's weights (no value), from released weights by "
+                                        "their open_clip tag (e.g. laion2b_s34b_b79k; see open_clip."
+                                        "list_pretrained_tags_by_model), read from the local cache, or from a local "
+                                        "weights file", nargs="?", const="openai")
+    cache_dir: Optional[str] = setting(None, "the open_clip/Hugging Face cache --pretrained tags are read from "
+                                       "(default: the Hugging Face hub cache, under HF_HOME)", type=str)
     grad_checkpointing: bool = setting(False, "recompute activations in backward to save memory",
                                        action="store_true")
+    lock_image: bool = setting(False, "lock the image tower (LiT): its weights get no gradient and do not train",
+                               action="store_true")
+    lock_image_unlocked_groups: int = setting(0, "with --lock_image, leave the last N layer groups of the image "
+                                              "tower unlocked (default 0)", type=int)
+    lock_image_freeze_bn_stats: bool = setting(False, "with --lock_image, also freeze the BatchNorm running "
+                                               "statistics of the locked layers", action="store_true")
+    lock_text: bool = setting(False, "lock the text tower: its weights get no gradient and do not train",
+                              action="store_true")
+    lock_text_unlocked_layers: int = setting(0, "with --lock_text, leave the last N layer groups of the text tower "
+                                             "unlocked (default 0)", type=int)
+    lock_text_freeze_layer_norm: bool = setting(False, "with --lock_text, lock the LayerNorms of the locked layers "
+                                                "too (open_clip's own text towers always do: required there)",
+                                                action="store_true")
+
+    def check(self) -> None:
+        _check_signs(self, non_negative=("lock_image_unlocked_groups", "lock_text_unlocked_layers"))
+        for lock, options in (("lock_image", ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats")),
+                              ("lock_text", ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"))):
+            given = [key for key in options if getattr(self, key) and not getattr(self, lock)]
+            if given:
+                raise ConfigError(f"--{given[0]} applies to a locked tower: add --{lock}")
 
 
 @dataclass(frozen=True)

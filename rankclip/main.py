@@ -22,7 +22,7 @@ from .launch import launch, process_label
 from .loaders import build_train_data
 from .logger import RunLogger, log, setup_console_logging
 from .losses import RankWeightSchedule, build_loss
-from .models import ModelBundle, build_model
+from .models import ModelBundle, build_model, describe_parameters
 from .optim import build_optimizer
 from .precision import build_scaler
 from .rankstate import seed_rank
@@ -74,7 +74,7 @@ def run(cfg: Config, runtime: Runtime) -> None:
     bundle = build_model(cfg.model, runtime.device)
     evaluator = build_evaluator(cfg, runtime, bundle, logger)
     log.info(f"model {cfg.model.model_name} ({bundle.open_clip_name}), "
-             f"{sum(p.numel() for p in bundle.model.parameters()) / 1e6:.2f}M parameters, loss {cfg.objective.loss}")
+             f"{describe_parameters(bundle.model)}, loss {cfg.objective.loss}")
     if not training:
         evaluate_checkpoint(cfg, bundle, evaluator)
         logger.write_json()

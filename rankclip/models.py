@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import difflib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import open_clip
 import torch
@@ -19,7 +19,7 @@ from huggingface_hub import constants as hub_constants
 
 from .config import REPO_ROOT, ModelConfig
 from .errors import ConfigError
-from .weights import load_model_weights
+from .weights import cached_tag_weights, load_model_weights
 
 ORIGINAL_MODEL_NAMES = {
     "RN50": "RN50-quickgelu",
@@ -28,6 +28,7 @@ ORIGINAL_MODEL_NAMES = {
     "ViT-B/32": "ViT-B-32-quickgelu",
 }
 OPENAI_WEIGHTS = "openai"
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 open_clip.add_model_config(REPO_ROOT / "configs")
 
@@ -59,56 +60,126 @@ def resolve_model_name(name: str) -> str:
 
 def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) -> ModelBundle:
     """Create the --model_name model with fp32 weights (autocast handles mixed precision) on `device`,
-    from --pretrained weights when given.
+    from --pretrained weights when given, its towers locked as --lock_image / --lock_text say.
 
     --grad_checkpointing recomputes the transformers' block activations during backward
     (open_clip supports it in ViT towers and the text tower; ResNet towers run as usual).
     """
     open_clip_name = resolve_model_name(model.model_name)
-    pretrained = model.pretrained
-    openai = pretrained == OPENAI_WEIGHTS
-    if openai:
-        network, train_transform, val_transform = _with_openai_weights(open_clip_name, device)
-    else:
-        if pretrained:
-            _check_weights_file(pretrained)
-        network, train_transform, val_transform = open_clip.create_model_and_transforms(open_clip_name, device=device)
-        if pretrained:  # a local file: imported strictly into the architecture
-            load_model_weights(network, pretrained)
+    tag, weights_file = pretrained_source(open_clip_name, model.pretrained)
+    if tag is not None:
+        cached_tag_weights(open_clip_name, tag, model.cache_dir)
+    with _hub_offline():  # the tag's file is cached: open_clip reads it (and the tag's preprocessing) from there
+        network, train_transform, val_transform = open_clip.create_model_and_transforms(
+            open_clip_name, pretrained=tag, device=device, cache_dir=model.cache_dir)
+    if weights_file is not None:  # a local file: imported strictly into the architecture
+        load_model_weights(network, weights_file)
+    lock_towers(network, model, open_clip_name)
     network.set_grad_checkpointing(model.grad_checkpointing)
-    tokenizer = open_clip.get_tokenizer(open_clip_name)
+    tokenizer = open_clip.get_tokenizer(open_clip_name, cache_dir=model.cache_dir)
     size = open_clip.get_model_config(open_clip_name)["vision_cfg"]["image_size"]
     image_size = max(size) if isinstance(size, (list, tuple)) else int(size)
     return ModelBundle(network, train_transform, val_transform, tokenizer, open_clip_name, image_size)
 
 
-def _with_openai_weights(open_clip_name: str, device: torch.device) -> tuple:
-    """open_clip's model with OpenAI's weights: from the local cache first, then by download."""
-    if OPENAI_WEIGHTS not in open_clip.list_pretrained_tags_by_model(open_clip_name):
-        raise ConfigError(f"--pretrained: OpenAI released no weights for {open_clip_name}; "
-                          f"pass --pretrained PATH to a weights file")
-    create = partial(open_clip.create_model_and_transforms, open_clip_name, pretrained=OPENAI_WEIGHTS, device=device)
+def pretrained_source(open_clip_name: str, pretrained: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(open_clip tag, local weights file) that --pretrained names, at most one of them: a tag of the model
+    (open_clip's spelling rules: any case, '-' for '_'), else an existing file."""
+    if pretrained is None:
+        return None, None
+    if open_clip.get_pretrained_cfg(open_clip_name, pretrained):
+        return pretrained, None
+    if os.path.isfile(pretrained):
+        return None, pretrained
+    if os.sep in pretrained or "/" in pretrained or os.path.splitext(pretrained)[1] in WEIGHTS_SUFFIXES:
+        raise ConfigError(f"--pretrained {pretrained}: no such file; pass a weights file, a tag of {open_clip_name} "
+                          f"or --pretrained alone for OpenAI's")
+    tags = open_clip.list_pretrained_tags_by_model(open_clip_name)
+    others = open_clip.list_pretrained_models_by_tag(pretrained)
+    unknown = (f"OpenAI released no weights for {open_clip_name}" if pretrained == OPENAI_WEIGHTS
+               else f"{open_clip_name} has no released weights {pretrained!r} (nor is it a file)")
+    elsewhere = (f"; it is a tag of --model_name {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}"
+                 if others and pretrained != OPENAI_WEIGHTS else "")
+    raise ConfigError(f"--pretrained: {unknown}; its tags: {', '.join(tags) or 'none'}{elsewhere}; "
+                      f"or pass --pretrained PATH to a weights file")
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face hub calls answer from the local cache only, never from the network."""
     offline = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
     try:
-        hub_constants.HF_HUB_OFFLINE = True  # no network round trips when the weights are cached
-        return create()
-    except Exception:  # not cached: fall through to a download
-        pass
+        yield
     finally:
         hub_constants.HF_HUB_OFFLINE = offline
-    if offline:
-        error: Exception = RuntimeError("HF_HUB_OFFLINE is set")
-    else:
-        try:
-            return create()
-        except Exception as e:  # open_clip raises many kinds when a download is impossible
-            error = e
-    raise ConfigError(
-        f"--pretrained: OpenAI weights for {open_clip_name} are not in open_clip's cache and cannot be "
-        f"downloaded here ({type(error).__name__}); download them where there is network and pass "
-        f"--pretrained PATH/TO/weights.pt") from error
 
 
-def _check_weights_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--pretrained {path}: no such file; pass a weights file, or --pretrained alone for OpenAI's")
+def lock_towers(network: torch.nn.Module, model: ModelConfig, open_clip_name: str) -> None:
+    """--lock_image / --lock_text through open_clip's own lock_image_tower / lock_text_tower (LiT): the
+    locked parameters get requires_grad=False, so they get no gradient, no optimizer state and no weight
+    decay. A lock the model cannot honour (a partial lock of a ResNet tower, more unlocked groups than
+    the tower has, ...) is one line."""
+    if model.lock_image:
+        counts = {k: v for k, v in network.state_dict().items() if k.endswith("num_batches_tracked")}
+        _lock(network, lambda n: network.lock_image_tower(unlocked_groups=n, freeze_bn_stats=False),
+              model.lock_image_unlocked_groups, "image", "--lock_image", "--lock_image_unlocked_groups", open_clip_name)
+        if model.lock_image_freeze_bn_stats:
+            network.lock_image_tower(unlocked_groups=model.lock_image_unlocked_groups, freeze_bn_stats=True)
+            _keep_state_dict_keys(network, counts)
+    if model.lock_text:
+        _lock(network, lambda n: network.lock_text_tower(unlocked_layers=n,
+                                                         freeze_layer_norm=model.lock_text_freeze_layer_norm),
+              model.lock_text_unlocked_layers, "text", "--lock_text", "--lock_text_unlocked_layers", open_clip_name)
+
+
+def _lock(network: torch.nn.Module, lock: Callable[[int], None], unlocked: int, tower: str, flag: str,
+          unlocked_flag: str, open_clip_name: str) -> None:
+    """`lock(unlocked)`, checked: open_clip's locks raise on what a tower does not support, and silently
+    unlock the whole tower when asked for more groups than it has (then one group more unlocks nothing)."""
+    given = flag + (f" {unlocked_flag} {unlocked}" if unlocked else "")
+    try:
+        if unlocked:
+            lock(unlocked - 1)
+            fewer = trainable_count(network)
+        lock(unlocked)
+    except (AssertionError, RuntimeError) as e:
+        hint = "lock it whole (no unlocked groups)" if tower == "image" else "add --lock_text_freeze_layer_norm"
+        raise ConfigError(f"{given}: open_clip cannot lock the {tower} tower of {open_clip_name} so ({e}); "
+                          f"{hint}") from e
+    if unlocked and trainable_count(network) == fewer:
+        groups = next(n for n in range(unlocked) if not _unlocks_more(network, lock, n))
+        raise ConfigError(f"{given}: open_clip divides the {tower} tower of {open_clip_name} into {groups} layer "
+                          f"groups; pass {unlocked_flag} {groups} or fewer")
+
+
+def _unlocks_more(network: torch.nn.Module, lock: Callable[[int], None], groups: int) -> bool:
+    """Whether leaving `groups` + 1 groups unlocked trains more parameters than leaving `groups`."""
+    lock(groups)
+    before = trainable_count(network)
+    lock(groups + 1)
+    return trainable_count(network) > before
+
+
+def _keep_state_dict_keys(network: torch.nn.Module, counts: dict[str, torch.Tensor]) -> None:
+    """open_clip's freeze_bn_stats swaps BatchNorm2d for torchvision's FrozenBatchNorm2d, whose state_dict
+    lacks num_batches_tracked: the key is put back (its value as frozen), so that checkpoints keep the
+    architecture's keys and load strictly into open_clip.create_model (FrozenBatchNorm2d drops it again
+    when loading)."""
+    kept = network.state_dict()
+    for key, count in counts.items():
+        if key not in kept:
+            module_name, name = key.rsplit(".", 1)
+            network.get_submodule(module_name).register_state_dict_post_hook(
+                lambda module, state, prefix, metadata, name=name, count=count: state.__setitem__(prefix + name,
+                                                                                                   count))
+
+
+def trainable_count(network: torch.nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def describe_parameters(network: torch.nn.Module) -> str:
+    """How many parameters the model has and how many of them train (locked towers' do not)."""
+    total = sum(p.numel() for p in network.parameters())
+    return f"{total / 1e6:.2f}M parameters, {trainable_count(network) / 1e6:.2f}M of them train"

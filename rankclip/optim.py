@@ -31,7 +31,8 @@ def grouped_names(names: list[str]) -> list[list[str]]:
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW with the original code's groups (no decay, then decay), so that the original code's and CyCLIP's
-    optimizer states fit these groups once their parameters are matched by name.
+    optimizer states fit these groups once their parameters are matched by name. Only parameters that
+    train are in them: a locked tower's (requires_grad=False) get no optimizer state and no weight decay.
 
     Fused: one kernel updates every parameter (CPU and CUDA), where torch's default on the CPU is
     a Python loop over the parameters (README, Performance); on GPUs fused also beats the default

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import Checkpointer, TrainState, checkpoints_dir, epoch_files, latest_path
-from .config import CheckpointsConfig
+from .config import CheckpointsConfig, default_value
 from .errors import ConfigError, CheckpointError
 from .logger import log
 from .optim import load_optimizer_state, state_by_name
@@ -19,9 +19,11 @@ from .runtime import Runtime
 from .weights import extract_state_dict, read_checkpoint
 
 
-# What places a run's schedule and data: a resumed run must keep them (or say --resume_allow_changes).
+# What places a run's schedule and data, and which weights train: a resumed run must keep them (or say
+# --resume_allow_changes).
 RESUME_KEYS = ("model_name", "train_data", "dataset_type", "train_num_samples", "batch_size", "accum_freq",
-               "epochs", "num_warmup_steps", "seed")
+               "epochs", "num_warmup_steps", "seed", "lock_image", "lock_image_unlocked_groups",
+               "lock_image_freeze_bn_stats", "lock_text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm")
 
 
 # Of those, the ones that place the data inside an epoch: a mid-epoch position means nothing under others.
@@ -30,15 +32,16 @@ DATA_POSITION_KEYS = ("train_data", "dataset_type", "train_num_samples", "batch_
 
 def check_resumed_config(obj: dict, path: str | Path, settings: dict, world_size: int) -> None:
     """Refuse to continue a checkpoint under other `settings` (this run's, flat as stored) that place
-    the schedule or the data, naming each change, unless --resume_allow_changes (then they are
+    the schedule or the data or lock other weights, naming each change, unless --resume_allow_changes (then they are
     logged). A mid-epoch position is kept only where it stays exact. Checkpoints of the original
     code / CyCLIP store no configuration: nothing to compare."""
     saved = obj.get("config")
     if not isinstance(saved, dict):
         return
     now = settings
-    changed = [key for key in RESUME_KEYS if saved.get(key) != now[key]]
-    changes = ", ".join(f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in changed)
+    then = {key: saved.get(key, default_value(key)) for key in RESUME_KEYS}  # keys added since: their defaults
+    changed = [key for key in RESUME_KEYS if then[key] != now[key]]
+    changes = ", ".join(f"{key} {then[key]!r} -> {now[key]!r}" for key in changed)
     if changed and not now["resume_allow_changes"]:
         raise CheckpointError(f"--resume {path}: the checkpoint was written with other settings: {changes}; "
                           f"resume with the run's settings, or pass --resume_allow_changes")

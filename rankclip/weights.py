@@ -1,15 +1,21 @@
-"""Reading checkpoint files safely (weights only, never pickled code) and importing the model
-weights of checkpoints written by other projects."""
+"""Reading checkpoint files safely (weights only, never pickled code), importing the model weights of
+checkpoints written by other projects, and finding open_clip's released weights in the local cache."""
 
 from __future__ import annotations
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
+import os
 import zipfile
 from pathlib import Path
+from typing import Optional
 
+import open_clip
 import safetensors.torch
 import torch
+from huggingface_hub import constants as hub_constants, try_to_load_from_cache
+from open_clip.constants import HF_WEIGHTS_NAME
+from open_clip.pretrained import _get_safe_alternatives
 
 
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
@@ -92,3 +98,25 @@ def load_weights(model: torch.nn.Module, obj: dict, path: str | Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {some(missing)}, unexpected "
                           f"{some(unexpected)}, wrong shape {some(shapes)}; check --model_name")
     model.load_state_dict(state, strict=True)
+
+
+def cached_tag_weights(open_clip_name: str, tag: str, cache_dir: Optional[str]) -> str:
+    """The file of open_clip's released weights `tag` for `open_clip_name` in the local Hugging Face cache
+    (`cache_dir`, else HF_HOME's hub cache), found as open_clip's download_pretrained finds it: the
+    repository and file named by the tag's `hf_hub`, its safetensors twin first. Nothing is downloaded:
+    a file not in the cache is one line naming it and the command that fetches it."""
+    pretrained = open_clip.get_pretrained_cfg(open_clip_name, tag)
+    if not pretrained.get("hf_hub"):
+        raise ConfigError(f"--pretrained {tag}: open_clip publishes these weights at {pretrained.get('url')} only; "
+                          f"download that file and pass --pretrained PATH")
+    repo, filename = os.path.split(pretrained["hf_hub"])  # 'org/name/' or 'org/name/file', as open_clip splits it
+    filename = filename or HF_WEIGHTS_NAME
+    for name in (*_get_safe_alternatives(filename), filename):
+        found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+        if isinstance(found, str):
+            return found
+    root = cache_dir or hub_constants.HF_HUB_CACHE
+    raise ConfigError(f"--pretrained {tag}: open_clip reads these weights of {open_clip_name} from {filename} of the "
+                      f"Hugging Face repository {repo}, which the cache {root} does not hold; on a machine with "
+                      f"internet run `hf download {repo} {filename}` and copy the folder "
+                      f"models--{repo.replace('/', '--')} of its cache into {root} (or name the cache with --cache_dir)")

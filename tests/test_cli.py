@@ -249,7 +249,7 @@ def test_pretrained_path_loads_a_local_file_and_openai_needs_the_cache(trained, 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(ConfigError, match="not in open_clip's cache.*--pretrained PATH"):
+    with pytest.raises(ConfigError, match="which the cache .* does not hold; .*`hf download timm/resnet50_clip.openai"):
         build_model(ModelConfig(model_name="RN50", pretrained="openai"))
 
 
