@@ -195,6 +195,39 @@ def test_clip_benchmark_reads_the_sets_the_tests_write(pair, retrieval_pair):
     assert [value.tolist() for value, _ in their_samples] == [value.tolist() for value, _ in ours.images]
 
 
+class Listed(list):
+    """A list of samples with the attributes clip_benchmark's converter reads (classes, templates)."""
+
+
+def test_sets_written_by_clip_benchmark_are_read_as_their_source(pair, retrieval_pair, tmp_path):
+    """clip_benchmark's own converter writes the tests' images (10 samples a shard): read back, they are the
+    labels.csv folder's and the CSV's images, labels, class names, templates and captions, in order."""
+    writer = pytest.importorskip("clip_benchmark.webdataset_builder",
+                                 reason="the clip-benchmark package is not installed (pip install clip-benchmark)")
+    bench, plain = pair
+    source = load_eval_set("ImageNet1K", plain, to_value)
+    samples = Listed((str(path), label) for path, label in zip(source.dataset.paths, source.dataset.labels))
+    samples.classes, samples.templates = list(COLOURS), list(TEMPLATES)
+    writer.convert_dataset(samples, "test", str(tmp_path / "written"), transform=writer.path_to_bytes, max_count=10,
+                           verbose=False)
+    assert (tmp_path / "written" / "test" / "nshards.txt").read_text() == "3\n"
+    ours = load_eval_set("free name", tmp_path / "written", to_value)
+    assert list(ours.classes) == list(source.classes)
+    assert [t("red") for t in ours.templates] == [t("red") for t in source.templates]
+    assert [(value.tolist(), label) for value, label in ours.dataset] == [
+        (value.tolist(), label) for value, label in (source.dataset[i] for i in range(24))]
+
+    _, csv = retrieval_pair
+    source = load_retrieval_set(csv, CsvLayout("image", "caption", ","), to_value)
+    captions = [[c for c, i in zip(source.captions, source.caption_image) if i == image] for image in range(18)]
+    samples = Listed(zip(source.images.paths, captions))
+    writer.convert_retrieval_dataset(samples, "test", str(tmp_path / "captions"), transform=writer.path_to_bytes,
+                                     max_count=10, verbose=False)
+    ours = load_retrieval_set(tmp_path / "captions", CsvLayout("image", "caption", ","), to_value)
+    assert ours.captions == source.captions and torch.equal(ours.caption_image, source.caption_image)
+    assert [value.tolist() for value, _ in ours.images] == [value.tolist() for value, _ in source.images]
+
+
 def broken_copy(pair, tmp_path, change) -> Path:
     folder = tmp_path / "wds_broken"
     shutil.copytree(pair[0], folder)
