@@ -66,7 +66,8 @@ def read_benchmark_split(root: str | Path, split: str, kind: str) -> BenchmarkSp
     found = _dataset_type(root)
     if found != kind:
         flag = "--retrieval_data" if found == "retrieval" else "--eval_test_data_dir with --eval_data_type"
-        raise DataError(f"{root}: {DATASET_TYPE} makes this a {found} set, not a {kind} set; pass it to {flag}")
+        why = f"its {DATASET_TYPE} says" if found == "retrieval" else f"without `retrieval` in {DATASET_TYPE}"
+        raise DataError(f"{root}: a {found} set ({why}), not a {kind} set; pass it to {flag}")
     shards = _shards(root, split)
     if kind == "retrieval":
         return BenchmarkSplit(root, kind, shards)

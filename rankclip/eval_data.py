@@ -341,7 +341,7 @@ def index_shards(split: BenchmarkSplit) -> ShardIndex:
             targets.append(_sample_target(split, path, keys[-1], members))
     if not keys:
         raise DataError(f"{split.root}: its shards hold no samples")
-    log.info(f"{split.root}: {len(keys)} samples in {len(split.shards)} shards indexed")
+    log.info(f"{split.shards[0].parent}: {len(keys)} samples in {len(split.shards)} shards indexed")
     return ShardIndex(tuple(map(str, split.shards)), tuple(first), tuple(keys), tuple(offsets), tuple(targets))
 
 

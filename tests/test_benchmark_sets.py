@@ -260,7 +260,7 @@ def rewrite_label(folder: Path, value: bytes) -> None:
     (lambda f: rewrite_label(f, b"red"), r"sample s0000013's .cls holds b'red', not an integer label"),
     (lambda f: (f / "zeroshot_classification_templates.txt").write_text("a {c}\na {0} photo\n"),
      r"templates.txt: line 2 \('a \{0\} photo'\): the field \{0\}; a template holds `\{c\}`"),
-    (lambda f: (f / "dataset_type.txt").write_text("retrieval\n"), r"dataset_type.txt makes this a retrieval set, "
+    (lambda f: (f / "dataset_type.txt").write_text("retrieval\n"), r"a retrieval set \(its dataset_type.txt says\), "
                                                                    r"not a classification set; pass it to --retrieval"),
     (lambda f: (f / "dataset_type.txt").write_text("multilabel\n"), r"'multilabel' is not a set type this project"),
 ])
@@ -293,7 +293,8 @@ def test_a_linear_probe_reads_the_train_split(pair, tmp_path):
 
 
 def test_a_classification_folder_is_not_a_retrieval_set(pair):
-    with pytest.raises(DataError, match="a classification set, not a retrieval set; pass it to --eval_test_data_dir"):
+    with pytest.raises(DataError, match=r"a classification set \(without `retrieval` in dataset_type.txt\), not a "
+                                        r"retrieval set; pass it to --eval_test_data_dir"):
         load_retrieval_set(pair[0], CsvLayout("image", "caption", ","), to_value)
 
 
