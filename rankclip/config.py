@@ -14,6 +14,7 @@ live in `Runtime`, never here.
 
 from __future__ import annotations
 
+from .benchmark_layout import is_benchmark_folder
 from .errors import ConfigError
 
 import argparse
@@ -193,18 +194,19 @@ class EvaluationConfig:
     """What is evaluated after every epoch: zero-shot or linear-probe sets, and retrieval."""
 
     eval_data_type: Optional[tuple[str, ...]] = setting(
-        None, "evaluation sets, one per --eval_test_data_dir (e.g. ImageNet1K CIFAR10)", type=str, nargs="+",
-        choices=EVAL_DATA_TYPES)
+        None, "evaluation sets, one per --eval_test_data_dir: the original code's " + ", ".join(EVAL_DATA_TYPES)
+              + "; or any name for a clip_benchmark folder (e.g. wds_sun397)", type=str, nargs="+")
     eval_test_data_dir: Optional[tuple[str, ...]] = setting(
         None, "test split of each eval set: a labels.csv + classes.py folder, an ImageNet-style image folder, "
-              "or a torchvision dataset root", type=str, nargs="+")
+              "a torchvision dataset root, or a clip_benchmark webdataset folder (its test/ split)", type=str,
+        nargs="+")
     eval_train_data_dir: Optional[tuple[str, ...]] = setting(
         None, "training split of each eval set (linear probe)", type=str, nargs="+")
     linear_probe: bool = setting(False, "evaluate the eval sets by linear probe instead of zero-shot",
                                  action="store_true")
     retrieval_data: Optional[tuple[str, ...]] = setting(
-        None, "image-caption CSVs for image<->text retrieval (several captions per image allowed)", type=str,
-        nargs="+")
+        None, "image-caption CSVs or clip_benchmark retrieval folders for image<->text retrieval (several "
+              "captions per image allowed)", type=str, nargs="+")
     linear_probe_batch_size: int = setting(16, "(default {default})", type=int)
     linear_probe_num_epochs: int = setting(32, "(default {default})", type=int)
 
@@ -221,8 +223,9 @@ class EvaluationConfig:
     def check(self) -> None:
         _check_choices(self)
         for path in self.retrieval_data or ():
-            if not os.path.isfile(path):
-                raise ConfigError(f"--retrieval_data {path}: no such file; pass a CSV of image paths and captions")
+            if not os.path.isfile(path) and not is_benchmark_folder(path):
+                raise ConfigError(f"--retrieval_data {path}: no such file; pass a CSV of image paths and captions "
+                                  f"or a clip_benchmark retrieval folder (dataset_type.txt, test/nshards.txt, ...)")
         for key in ("eval_test_data_dir", "eval_train_data_dir"):
             for path in getattr(self, key) or ():
                 if not os.path.isdir(path):
@@ -235,6 +238,11 @@ class EvaluationConfig:
         if sets and len(sets) != len(tests):
             raise ConfigError(f"--eval_data_type names {len(sets)} sets but --eval_test_data_dir gives {len(tests)} "
                               f"folders; give one folder per set, in the same order")
+        for name, test in zip(sets, tests):
+            if name not in EVAL_DATA_TYPES and not is_benchmark_folder(test):
+                raise ConfigError(f"--eval_data_type {name}: unknown set; name one of {', '.join(EVAL_DATA_TYPES)}, "
+                                  f"or give a clip_benchmark folder (test/nshards.txt, classnames.txt, ...), "
+                                  f"whose name is free")
         if self.linear_probe and len(trains) != len(sets):
             raise ConfigError(f"--linear_probe needs one --eval_train_data_dir per --eval_data_type ({len(sets)}), "
                               f"got {len(trains)}")

@@ -1,4 +1,5 @@
-"""Labelled image sets for zero-shot classification and linear probes, in three on-disk layouts.
+"""Labelled image sets for zero-shot classification and linear probes, in four on-disk layouts, and
+retrieval sets in two.
 
 1. A CyCLIP folder: labels.csv (image,label) + classes.py, a dict literal of class names
    and caption templates that is parsed with `ast` and never executed.
@@ -8,6 +9,9 @@
    the 1000 classes: their folders say which.
 3. A torchvision dataset root (CIFAR10, SVHN, ...), read with `download=False`. Caltech101's has
    no split, so a fixed seeded one is drawn: 30 images per class train, the rest test.
+4. clip_benchmark's webdataset folders (benchmark_layout.py), with their own class names and
+   templates, under any set name; also for retrieval. Their shards are indexed at start-up (tar
+   headers and the small label and caption members only) and the images streamed with webdataset.
 
 Every set yields `(image tensor, label)`, or None for an image that cannot be read: the
 evaluator skips and counts those.
@@ -16,6 +20,9 @@ evaluator skips and counts those.
 from __future__ import annotations
 
 import ast
+import bisect
+import io
+import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,14 +32,17 @@ import torch
 import torchvision.datasets as tvd
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from timm.data import ImageNetInfo
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from .benchmark_layout import IMAGE_EXTENSIONS, BenchmarkSplit, is_benchmark_folder, read_benchmark_split
 from .collectives import rank_block
 from .config import CsvLayout
 from .csv_index import open_caption_rows
 from .data import load_image
 from .errors import ConfigError, DataError
+from .logger import log
 from .runtime import Runtime
 
 IMAGENET_FAMILY = ("ImageNet1K", "ImageNetSketch", "ImageNetV2", "ImageNet-A", "ImageNet-R")
@@ -276,6 +286,131 @@ def _targets(dataset: Dataset) -> Sequence[int]:
     return [int(target) for _, target in getattr(dataset, "_samples")]
 
 
+@dataclass(frozen=True)
+class ShardIndex:
+    """A clip_benchmark split's samples in the order webdataset reads them, shard after shard: each
+    sample's key, the tar offset of its first member, and its label or captions member's bytes."""
+
+    shards: tuple[str, ...]
+    first: tuple[int, ...]  # the index of each shard's first sample
+    keys: tuple[str, ...]
+    offsets: tuple[int, ...]
+    targets: tuple[bytes, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def segments(self, samples: range) -> list[tuple[int, range]]:
+        """The contiguous run of `samples` cut at shard boundaries: (shard, its samples) pieces."""
+        pieces = []
+        start = samples.start
+        while start < samples.stop:
+            shard = bisect.bisect_right(self.first, start) - 1
+            stop = min(samples.stop, self.first[shard + 1] if shard + 1 < len(self.first) else len(self))
+            pieces.append((shard, range(start, stop)))
+            start = stop
+        return pieces
+
+
+def index_shards(split: BenchmarkSplit) -> ShardIndex:
+    """Read the split's tar headers (seeking past the images) and its small `.cls` or `.txt` members;
+    members are grouped into samples by webdataset's own key rule. A sample without an image or without
+    its label or captions is refused, as is a shard that is not a tar file."""
+    first, keys, offsets, targets = [], [], [], []
+    for path in split.shards:
+        first.append(len(keys))
+        members: Optional[dict[str, bytes]] = None  # the current sample's, by extension
+        try:
+            with tarfile.open(path) as tar:
+                for info in tar:
+                    key, extension = base_plus_ext(info.name)
+                    if not info.isreg() or key is None or info.name.startswith("__"):
+                        continue
+                    if members is None or key != keys[-1]:
+                        if members is not None:
+                            targets.append(_sample_target(split, path, keys[-1], members))
+                        keys.append(key)
+                        offsets.append(info.offset)
+                        members = {}
+                    extension = extension.lower()
+                    members[extension] = tar.extractfile(info).read() if extension == split.target else b""
+        except (tarfile.TarError, OSError) as e:
+            reason = str(e).splitlines()[-1].lstrip("- ")  # tarfile's message lists every method it tried
+            raise DataError(f"{path}: not a readable tar file ({reason}); fetch the set again") from e
+        if members is not None:
+            targets.append(_sample_target(split, path, keys[-1], members))
+    if not keys:
+        raise DataError(f"{split.root}: its shards hold no samples")
+    log.info(f"{split.shards[0].parent}: {len(keys)} samples in {len(split.shards)} shards indexed")
+    return ShardIndex(tuple(map(str, split.shards)), tuple(first), tuple(keys), tuple(offsets), tuple(targets))
+
+
+def _sample_target(split: BenchmarkSplit, path: Path, key: str, members: dict[str, bytes]) -> bytes:
+    """The sample's label or captions member, after checking that it has an image too."""
+    if not any(e in members for e in IMAGE_EXTENSIONS):
+        raise DataError(f"{path}: sample {key} has no image ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})")
+    if split.target not in members:
+        what = "captions" if split.kind == "retrieval" else "label"
+        raise DataError(f"{path}: sample {key} has no .{split.target} ({what})")
+    return members[split.target]
+
+
+class ShardedImages(IterableDataset):
+    """A clip_benchmark split's images with their labels, streamed from its shards with webdataset;
+    an unreadable image comes back as None. `share` gives one process its block of the samples, which
+    its DataLoader workers read in turns of whole batches, so that the batches arrive in order."""
+
+    def __init__(self, index: ShardIndex, labels: Sequence[int], transform: Callable,
+                 block: Optional[range] = None, batch_size: int = 1) -> None:
+        self.index, self.labels, self.transform = index, labels, transform
+        self.block, self.batch_size = range(len(index)) if block is None else block, batch_size
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def share(self, block: range, batch_size: int) -> ShardedImages:
+        """The same set, iterating only `block` (a range of its samples), in batches of `batch_size`."""
+        return ShardedImages(self.index, self.labels, self.transform, block, batch_size)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers in turn, from worker 0: worker w reads batches w, w + K, ...
+        for start in range(worker * self.batch_size, len(self.block), workers * self.batch_size):
+            for shard, samples in self.index.segments(self.block[start:start + self.batch_size]):
+                yield from self._read(shard, samples)
+
+    def _read(self, shard: int, samples: range):
+        """The samples of one shard, streamed from the first one's tar header on."""
+        path = self.index.shards[shard]
+        with open(path, "rb") as stream:
+            stream.seek(self.index.offsets[samples.start])
+            records = group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))
+            for sample, record in zip(samples, records):
+                if record["__key__"] != self.index.keys[sample]:
+                    raise DataError(f"{path}: changed while it was read (sample {self.index.keys[sample]} is now "
+                                    f"{record['__key__']})")
+                image_bytes = next(record[e] for e in IMAGE_EXTENSIONS if e in record)
+                image = load_image(io.BytesIO(image_bytes))
+                yield None if image is None else (self.transform(image), self.labels[sample])
+
+
+def _benchmark_set(name: str, root: Path, transform: Callable, train: bool) -> LabeledSet:
+    split = read_benchmark_split(root, "train" if train else "test", "classification")
+    index = index_shards(split)
+    labels = []
+    for key, target in zip(index.keys, index.targets):
+        try:
+            labels.append(int(target))
+        except ValueError:
+            raise DataError(f"{root}: sample {key}'s .cls holds {target[:20]!r}, not an integer label") from None
+        if not 0 <= labels[-1] < len(split.classes):
+            raise DataError(f"{root}: sample {key}'s label {labels[-1]} is outside [0, {len(split.classes)}), "
+                            f"the classes in {root / 'classnames.txt'}")
+    templates = [Template(parts) for parts in split.templates]
+    return LabeledSet(name, ShardedImages(index, labels, transform), len(split.classes), split.classes, templates)
+
+
 def load_eval_set(name: str, root: str | Path, transform: Callable, train: bool = False) -> LabeledSet:
     """The split at `root` of eval set `name`, in whichever supported layout `root` holds."""
     root = Path(root)
@@ -283,11 +418,14 @@ def load_eval_set(name: str, root: str | Path, transform: Callable, train: bool 
         raise ConfigError(f"{root}: no such folder for {name}")
     if (root / "labels.csv").is_file():
         return _labels_csv_set(name, root, transform)
+    if is_benchmark_folder(root):
+        return _benchmark_set(name, root, transform, train)
     if name in TORCHVISION_SETS:
         return _torchvision_set(name, root, transform, train)
     if name in IMAGENET_FAMILY:
         return _image_folder_set(name, root, transform, train)
-    raise DataError(f"{root}: no labels.csv for {name}; use the labels.csv + classes.py layout")
+    raise DataError(f"{root}: no labels.csv for {name}; use the labels.csv + classes.py layout or "
+                    f"clip_benchmark's (test/nshards.txt, test/0.tar ..., classnames.txt, ...)")
 
 
 @dataclass(frozen=True)
@@ -296,19 +434,40 @@ class RetrievalSet:
     caption_image[t]. Several captions per image, as in the Flickr30k and MSCOCO test sets."""
 
     name: str
-    images: LabeledImages
+    images: Dataset  # (image, its index) samples
     captions: list[str]
     caption_image: torch.Tensor  # [T] long
 
 
 def load_retrieval_set(path: str | Path, layout: CsvLayout, transform: Callable) -> RetrievalSet:
-    """An image-caption CSV as a retrieval set: rows with the same image path share the image."""
+    """An image-caption CSV as a retrieval set: rows with the same image path share the image; or a
+    clip_benchmark retrieval folder, whose samples hold an image and its captions."""
+    if is_benchmark_folder(path):
+        return _benchmark_retrieval_set(Path(path), transform)
     rows = open_caption_rows(path, layout)
     captions = [rows.caption(i) for i in range(len(rows))]
     index: dict[str, int] = {}
     caption_image = [index.setdefault(rows.image(i), len(index)) for i in range(len(rows))]
     images = LabeledImages(list(index), range(len(index)), transform)
     return RetrievalSet(Path(path).stem, images, captions, torch.tensor(caption_image))
+
+
+def _benchmark_retrieval_set(root: Path, transform: Callable) -> RetrievalSet:
+    """The test split of a clip_benchmark retrieval folder; each `.txt` holds its image's captions, one a
+    line (split as clip_benchmark splits them, with `str.splitlines`)."""
+    index = index_shards(read_benchmark_split(root, "test", "retrieval"))
+    captions, caption_image = [], []
+    for image, (key, target) in enumerate(zip(index.keys, index.targets)):
+        try:
+            lines = target.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{root}: sample {key}'s .txt is not UTF-8 text ({e})") from e
+        captions += lines
+        caption_image += [image] * len(lines)
+    if not captions:
+        raise DataError(f"{root}: its .txt members hold no captions")
+    images = ShardedImages(index, range(len(index)), transform)
+    return RetrievalSet(root.stem, images, captions, torch.tensor(caption_image))
 
 
 def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -322,6 +481,16 @@ def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def build_labeled_loader(dataset: Dataset, runtime: Runtime, batch_size: int, num_workers: int) -> DataLoader:
-    """This process's contiguous block of `dataset`, in order (evaluation gathers the blocks)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=rank_block(len(dataset), runtime.rank, runtime.world_size),
-                      num_workers=num_workers, collate_fn=collate_labeled, pin_memory=runtime.device.type == "cuda")
+    """This process's contiguous block of `dataset`, in order (evaluation gathers the blocks); a streamed
+    set (ShardedImages) reads its block itself."""
+    block = rank_block(len(dataset), runtime.rank, runtime.world_size)
+    options = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_labeled,
+                   pin_memory=runtime.device.type == "cuda")
+    if isinstance(dataset, ShardedImages):
+        return DataLoader(dataset.share(block, batch_size), **options)
+    return DataLoader(dataset, sampler=block, **options)
+
+
+def images_in_share(loader: DataLoader) -> int:
+    """How many images a loader of build_labeled_loader holds: this process's block of its set."""
+    return len(loader.dataset.block) if isinstance(loader.dataset, ShardedImages) else len(loader.sampler)

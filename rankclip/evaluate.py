@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .collectives import gather_rows, rank_and_world, rank_block
 from .config import CsvLayout, EvaluationConfig
 from .errors import DataError
-from .eval_data import build_labeled_loader, load_eval_set, load_retrieval_set
+from .eval_data import build_labeled_loader, images_in_share, load_eval_set, load_retrieval_set
 from .linear_probe import probe_accuracy, train_linear_probe
 from .logger import RunLogger, log
 from .metrics import representation_metrics, retrieval_recall, topk_correct
@@ -83,8 +83,9 @@ class EvalTasks:
 
 def build_eval_tasks(evaluation: EvaluationConfig, runtime: Runtime, transform: Callable, *, layout: CsvLayout,
                      num_workers: int, seed: int) -> EvalTasks:
-    """The --eval_* sets (zero-shot, or linear probes with --linear_probe) and the --retrieval_data CSVs
-    (read with the run's CSV `layout`), each loader holding this process's block of its images."""
+    """The --eval_* sets (zero-shot, or linear probes with --linear_probe) and the --retrieval_data sets
+    (CSVs read with the run's CSV `layout`, or clip_benchmark folders), each loader holding this process's
+    block of its images."""
     loader = partial(build_labeled_loader, runtime=runtime, batch_size=EVAL_BATCH_SIZE, num_workers=num_workers)
     zero_shot, probes = [], []
     for name, test_dir, train_dir in evaluation.sets():
@@ -129,7 +130,7 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[st
 
 def progress(loader: torch.utils.data.DataLoader, desc: str) -> Iterator:
     """The loader's batches, with a progress bar counted in this process's images (so it shows images/s)."""
-    with tqdm(total=len(loader.sampler), desc=desc, unit="img", leave=False) as bar:
+    with tqdm(total=images_in_share(loader), desc=desc, unit="img", leave=False) as bar:
         for batch in loader:
             yield batch
             images, _, unreadable = batch
@@ -211,7 +212,7 @@ class Evaluator:
         """fp32 features [N, d] (unit rows unless `normalize` is False) and labels [N] of a labelled
         loader's readable images, gathered from every process's block."""
         if rank_and_world()[1] > 1:
-            log.info(f"{desc}: {len(loader.sampler)} of {len(loader.dataset)} images encoded by this process")
+            log.info(f"{desc}: {images_in_share(loader)} of {len(loader.dataset)} images encoded by this process")
         features, labels, unreadable = [], [], 0
         for images, batch_labels, bad in progress(loader, desc):
             unreadable += bad

@@ -100,7 +100,7 @@ def test_evaluating_pretrained_weights_is_not_the_demo(colour_data):
 @pytest.mark.parametrize("values, message", [
     ({"precision": "fp16"}, "--precision 'fp16': choose one of amp, amp_bf16, fp32"),
     ({"loss": "infonce"}, "--loss 'infonce': choose one of"),
-    ({"eval_data_type": ["ImageNet"], "eval_test_data_dir": ["{zs}"]}, "--eval_data_type ['ImageNet']: unknown"),
+    ({"eval_data_type": ["ImageNet"], "eval_test_data_dir": ["{zs}"]}, "--eval_data_type ImageNet: unknown set; name one of Caltech101"),
 ])
 def test_config_file_values_are_checked_like_flags(tmp_path, colour_data, values, message):
     path = tmp_path / "run.json"

@@ -391,3 +391,25 @@ def test_two_processes_share_evaluation_with_the_one_process_results(runs, colou
                 assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
             else:
                 assert b[key] == value, key
+
+
+def test_two_processes_share_clip_benchmark_sets_with_the_figures_of_the_labels_csv_layout(runs, colour_data, tmp_path):
+    """clip_benchmark folders under a free set name (zero-shot) and for retrieval (several captions per image),
+    beside the same data as a labels.csv folder and a CSV, in one 2-process evaluation with 2 loader workers a
+    process: each rank streams its half of each set, and the gathered figures of the two layouts are equal
+    (each rank encodes the same images in the same batches in either layout)."""
+    from test_benchmark_sets import write_benchmark_pair, write_retrieval_pair
+
+    logs, _ = runs
+    (bench, plain), (bench_captions, captions_csv) = write_benchmark_pair(tmp_path), write_retrieval_pair(tmp_path)
+    extra = ["--eval_data_type", "wds_colours", "ImageNet1K", "--eval_test_data_dir", str(bench), str(plain),
+             "--retrieval_data", str(bench_captions), str(captions_csv), "--num_workers", "2"]
+    records = evaluation(colour_data, logs, "bench2", 2, logs / "one" / "checkpoints" / "epoch_2.pt", *extra)
+    assert "zero-shot wds_colours: 12 of 24 images encoded by this process" in (logs / "bench2" / "output.log").read_text()
+    (ours, theirs), (our_retrieval, their_retrieval) = ([r for r in records if r["split"] == split]
+                                                        for split in ("eval", "retrieval"))
+    assert (ours.pop("eval_data_type"), theirs.pop("eval_data_type")) == ("wds_colours", "ImageNet1K")
+    assert ours == theirs and ours["num_samples"] == 24
+    assert (our_retrieval.pop("retrieval_data"), their_retrieval.pop("retrieval_data")) == (
+        "wds_colour_captions", "colour_captions")
+    assert our_retrieval == their_retrieval and our_retrieval["num_captions"] == 36
