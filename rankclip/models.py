@@ -11,7 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import open_clip
 import torch
@@ -57,9 +57,14 @@ def resolve_model_name(name: str) -> str:
     raise ConfigError(f"--model_name {name}: unknown model; {hint} (or one of {', '.join(ORIGINAL_MODEL_NAMES)}, tiny-vit, tiny-rn)")
 
 
-def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) -> ModelBundle:
+def build_model(model: ModelConfig, device: torch.device = torch.device("cpu"),
+                init: Optional[dict[str, float]] = None) -> ModelBundle:
     """Create the --model_name model with fp32 weights (autocast handles mixed precision) on `device`,
     from --pretrained weights when given.
+
+    `init`: open_clip.create_model's keyword arguments that the objective needs (losses.model_init:
+    SigLIP's logit scale and bias). Weights that have no logit bias give it 0, as open_clip's
+    load_checkpoint does when a CLIP model is loaded for SigLIP training.
 
     --grad_checkpointing recomputes the transformers' block activations during backward
     (open_clip supports it in ViT towers and the text tower; ResNet towers run as usual).
@@ -68,11 +73,12 @@ def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) 
     pretrained = model.pretrained
     openai = pretrained == OPENAI_WEIGHTS
     if openai:
-        network, train_transform, val_transform = _with_openai_weights(open_clip_name, device)
+        network, train_transform, val_transform = _with_openai_weights(open_clip_name, device, init or {})
     else:
         if pretrained:
             _check_weights_file(pretrained)
-        network, train_transform, val_transform = open_clip.create_model_and_transforms(open_clip_name, device=device)
+        network, train_transform, val_transform = open_clip.create_model_and_transforms(open_clip_name, device=device,
+                                                                                        **(init or {}))
         if pretrained:  # a local file: imported strictly into the architecture
             load_model_weights(network, pretrained)
     network.set_grad_checkpointing(model.grad_checkpointing)
@@ -82,12 +88,13 @@ def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) 
     return ModelBundle(network, train_transform, val_transform, tokenizer, open_clip_name, image_size)
 
 
-def _with_openai_weights(open_clip_name: str, device: torch.device) -> tuple:
+def _with_openai_weights(open_clip_name: str, device: torch.device, init: dict[str, float]) -> tuple:
     """open_clip's model with OpenAI's weights: from the local cache first, then by download."""
     if OPENAI_WEIGHTS not in open_clip.list_pretrained_tags_by_model(open_clip_name):
         raise ConfigError(f"--pretrained: OpenAI released no weights for {open_clip_name}; "
                           f"pass --pretrained PATH to a weights file")
-    create = partial(open_clip.create_model_and_transforms, open_clip_name, pretrained=OPENAI_WEIGHTS, device=device)
+    create = partial(open_clip.create_model_and_transforms, open_clip_name, pretrained=OPENAI_WEIGHTS, device=device,
+                     **init)
     offline = hub_constants.HF_HUB_OFFLINE
     try:
         hub_constants.HF_HUB_OFFLINE = True  # no network round trips when the weights are cached
