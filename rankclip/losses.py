@@ -31,7 +31,7 @@ from .config import LOSSES, RANK_SCHEDULES, SIGLIP_DIST_IMPLS, ObjectiveConfig
 
 # open_clip.create_model's arguments for a SigLIP model, as open_clip_train's --siglip sets them: the
 # logit scale starts at 10 (not 1/0.07) and the learnt logit bias at -10, so that the N - 1 negatives of
-# each row do not swamp its one positive at the start (Zhai et al., 2023, section 3.2).
+# each row do not swamp its one positive at the start (Zhai et al., 2023).
 SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 
 # Row chunks (see default_chunk_size). Memory per term is about CHUNK_BYTES_PER_SIMILARITY x rows x N.

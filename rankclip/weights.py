@@ -13,7 +13,6 @@ import torch
 
 from .logger import log
 
-
 BIAS, LOGIT_SCALE = "logit_bias", "logit_scale"  # open_clip's names of the logit parameters
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
 PREFIXES = ("module.", "_orig_mod.", "model.")
