@@ -145,7 +145,7 @@ def test_weights_without_logit_bias_start_siglip_at_zero_as_open_clip_and_the_re
         load_weights(clip, {"state_dict": siglip.state_dict()}, "siglip.pt")
 
 
-SIGLIP_RUN = ["--loss", "siglip", "--epochs", "2", "--save_every_steps", "3"]
+SIGLIP_RUN = ["--loss", "siglip", "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
