@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 
 Features = dict[str, torch.Tensor]
+# What the model returns once per batch rather than per sample: the same in every micro-batch.
+SHARED = ("logit_scale", "logit_bias")
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -48,8 +50,8 @@ def cached_gradient_step(model: torch.nn.Module, batches: list[dict], encode: Ca
     """Accumulate into `.grad` the gradient of `loss_fn` over all of `batches` together.
 
     `encode(batch)` runs the (possibly DDP-wrapped) `model` and returns fp32 features plus
-    `logit_scale`; `loss_fn(**features)` returns a dict with "loss"; `backward(tensor)` runs
-    backward (through the AMP scaler when there is one). Under DDP only the last re-forward
+    `logit_scale` (and a SigLIP model's `logit_bias`); `loss_fn(**features)` returns a dict with "loss";
+    `backward(tensor)` runs backward (through the AMP scaler when there is one). Under DDP only the last re-forward
     all-reduces gradients. Returns the detached loss parts and the logit scale.
     """
     buffers = [b.detach().clone() for b in model.buffers()]
@@ -61,11 +63,11 @@ def cached_gradient_step(model: torch.nn.Module, batches: list[dict], encode: Ca
         for saved, buffer in zip(buffers, model.buffers()):
             buffer.copy_(saved)
 
-    keys = [k for k in cached[0] if k != "logit_scale"]
+    keys = [k for k in cached[0] if k not in SHARED]
     sizes = [c[keys[0]].shape[0] for c in cached]
     leaves = {k: torch.cat([c[k] for c in cached]).requires_grad_() for k in keys}
-    logit_scale = cached[0]["logit_scale"].detach().requires_grad_()
-    losses = loss_fn(**leaves, logit_scale=logit_scale)
+    shared = {k: cached[0][k].detach().requires_grad_() for k in SHARED if k in cached[0]}
+    losses = loss_fn(**leaves, **shared)
     losses["loss"].backward()  # gradients of the features only: they are leaves
     feature_grads = {k: leaves[k].grad.split(sizes) for k in keys}
 
@@ -75,10 +77,10 @@ def cached_gradient_step(model: torch.nn.Module, batches: list[dict], encode: Ca
         with contextlib.nullcontext() if last else _no_sync(model):
             features = encode(batch)
             surrogate = sum((features[k] * feature_grads[k][j]).sum() for k in keys)
-            # The logit scale is shared by all micro-batches: count its gradient once, in the last
-            # backward, whose all-reduce under DDP expects a gradient for every parameter.
+            # The logit scale (and bias) are shared by all micro-batches: count their gradient once, in
+            # the last backward, whose all-reduce under DDP expects a gradient for every parameter.
             if last:
-                surrogate = surrogate + (features["logit_scale"] * logit_scale.grad).sum()
+                surrogate = surrogate + sum((features[k] * leaf.grad).sum() for k, leaf in shared.items())
             if surrogate.requires_grad:  # not when both towers are locked: then only the logit scale trains
                 backward(surrogate)
-    return {k: v.detach() for k, v in losses.items()}, logit_scale.detach()
+    return {k: v.detach() for k, v in losses.items()}, shared["logit_scale"].detach()

@@ -37,7 +37,9 @@ EVAL_DATA_TYPES = (
     "ImageNet1K", "OxfordIIITPet", "RenderedSST2", "StanfordCars", "STL10", "SVHN",
     "ImageNetSketch", "ImageNetV2", "ImageNet-A", "ImageNet-R",
 )
-LOSSES = ("rankclip", "clip", "cyclip")
+LOSSES = ("rankclip", "clip", "cyclip", "siglip")
+# open_clip SigLipLoss's ways of meeting the other processes' text features (its dist_impl).
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 DATASET_TYPES = ("auto", "csv", "webdataset")
 PRECISIONS = ("amp", "amp_bf16", "fp32")
 RANK_SCHEDULES = ("reference", "constant")
@@ -309,7 +311,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The loss: CLIP, CyCLIP or RankCLIP, its term weights and the rank weight's schedule."""
+    """The loss: CLIP, CyCLIP, RankCLIP or SigLIP, its term weights and the rank weight's schedule."""
 
     loss: str = setting("rankclip", "training objective (default {default})", type=str, choices=LOSSES)
     lambda1: float = setting(1 / 16, "weight of the in-modal rank loss (default 1/16)", type=float)
@@ -319,6 +321,9 @@ class ObjectiveConfig:
                                  choices=RANK_SCHEDULES)
     cylambda1: float = setting(0.0, "CyCLIP in-modal cyclic weight (default 0)", type=float)
     cylambda2: float = setting(0.0, "CyCLIP cross-modal cyclic weight (default 0)", type=float)
+    loss_dist_impl: str = setting("bidir", "how --loss siglip meets the other processes' text features (open_clip's "
+                                  "SigLipLoss: bidir/shift pass them between neighbours, reduce/gather collect them; "
+                                  "same value; default {default})", type=str, choices=SIGLIP_DIST_IMPLS)
 
     def check(self) -> None:
         _check_choices(self)
@@ -399,6 +404,9 @@ class Config:
                 if not os.path.exists(path):
                     raise ConfigError(
                         f"the demo data is missing ({path}); build it with `python utils/make_demo.py`")
+        if self.objective.loss == "siglip" and data.inmodal:
+            raise ConfigError("--inmodal adds CyCLIP's in-modal contrastive term, which --loss siglip does not have; "
+                              "leave --inmodal out or choose --loss clip, cyclip or rankclip")
         if checkpoints.resume is not None and data.train_data is None:
             raise ConfigError("--resume continues training: pass the run's --train_data too")
         for section in self.sections():

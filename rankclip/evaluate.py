@@ -138,19 +138,30 @@ def progress(loader: torch.utils.data.DataLoader, desc: str) -> Iterator:
 
 
 def validation_losses(loss_fn: torch.nn.Module, image_features: torch.Tensor, text_features: torch.Tensor,
-                      logit_scale: torch.Tensor, rank_weight: float) -> tuple[dict[str, float], int]:
+                      logits: dict[str, torch.Tensor], rank_weight: float) -> tuple[dict[str, float], int]:
     """Loss parts averaged over samples, the samples cut in order into ceil(N / VALIDATION_LOSS_BATCH)
-    batches whose sizes differ by at most one; returns them and the largest batch size."""
+    batches whose sizes differ by at most one; returns them and the largest batch size. `logits`: the
+    model's logit_scale (and a SigLIP model's logit_bias), as `model_logits` gives them."""
     count = len(image_features)
     batches = -(-count // VALIDATION_LOSS_BATCH)
     totals: dict[str, torch.Tensor] = {}
     for images, texts in zip(image_features.tensor_split(batches), text_features.tensor_split(batches)):
-        losses = loss_fn(images, texts, logit_scale, rank_weight=rank_weight)
+        losses = loss_fn(images, texts, **logits, rank_weight=rank_weight)
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + value.double() * len(images)
     keys = list(totals)
     values = torch.stack([totals[k] for k in keys]).div_(count).tolist()
     return dict(zip(keys, values)), -(-count // batches)
+
+
+def model_logits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The logit_scale the model's forward returns (exp of the parameter) and, for a SigLIP model, its
+    logit_bias: the loss's arguments besides the features, read from the model itself so that a rank
+    without validation rows has them too."""
+    logits = {"logit_scale": model.logit_scale.exp().float()}
+    if getattr(model, "logit_bias", None) is not None:
+        logits["logit_bias"] = model.logit_bias.float()
+    return logits
 
 
 class Evaluator:
@@ -190,11 +201,11 @@ class Evaluator:
             if "image" not in batch:
                 continue
             with self.autocast():
-                image_features, text_features, _ = model(batch["image"].to(self.device), batch["text"].to(self.device))
+                image_features, text_features, *_ = model(batch["image"].to(self.device),
+                                                          batch["text"].to(self.device))
             image_parts.append(image_features.float())
             text_parts.append(text_features.float())
         images, texts = (gather_rows(parts, self.device) for parts in (image_parts, text_parts))
-        logit_scale = model.logit_scale.exp().float()  # what the forward returns, also on a rank without rows
         skipped = int(gather_rows([torch.tensor([len(failed)], device=self.device)], self.device).sum())
         if failed:
             log.warning(f"validation: skipped {len(failed)} unreadable images, e.g. {failed[0]}")
@@ -202,7 +213,7 @@ class Evaluator:
         if count < 2:
             raise DataError(f"validation: {count} readable image-caption pairs ({skipped} unreadable); the "
                               f"validation loss needs at least 2: fix the images or the --validation_data CSV")
-        losses, batch_size = validation_losses(self.loss_fn, images, texts, logit_scale, rank_weight)
+        losses, batch_size = validation_losses(self.loss_fn, images, texts, model_logits(model), rank_weight)
         analysis = representation_metrics(images, texts) if count >= 3 else {}
         return losses | analysis | {"num_samples": count, "skipped_samples": skipped, "loss_batch_size": batch_size}
 

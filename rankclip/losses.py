@@ -1,4 +1,4 @@
-"""CLIP, CyCLIP and RankCLIP objectives, and the Plackett-Luce (ListMLE) kernel behind RankCLIP.
+"""CLIP, CyCLIP, RankCLIP and SigLIP objectives, and the Plackett-Luce (ListMLE) kernel behind RankCLIP.
 
 Similarity matrices are never materialized whole: `_RowTerms` walks the rows in chunks
 (`default_chunk_size`: large on GPUs, cache-sized on CPUs), so at most chunk × N similarities
@@ -11,6 +11,7 @@ Distributed (W > 1 processes): each loss takes this process's rows and gathers t
 with `gather_with_grad`. Values are normalized so that their mean over processes is the
 single-process value on the global batch, and each process's feature gradient is W × the
 single-process gradient of its rows, which DDP's averaging turns into the full-batch gradient.
+SigLIP is open_clip's own `SigLipLoss`, which keeps the same contract (see `SigLipLoss` here).
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional
 
+import open_clip.loss
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .collectives import gather_with_grad, rank_and_world
-from .config import LOSSES, RANK_SCHEDULES, ObjectiveConfig
+from .config import LOSSES, RANK_SCHEDULES, SIGLIP_DIST_IMPLS, ObjectiveConfig
+
+# open_clip.create_model's arguments for a SigLIP model, as open_clip_train's --siglip sets them: the
+# logit scale starts at 10 (not 1/0.07) and the learnt logit bias at -10, so that the N - 1 negatives of
+# each row do not swamp its one positive at the start (Zhai et al., 2023).
+SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 
 # Row chunks (see default_chunk_size). Memory per term is about CHUNK_BYTES_PER_SIMILARITY x rows x N.
 CHUNK_BYTES_PER_SIMILARITY = 80
@@ -408,6 +415,56 @@ class CyClipLoss(ClipLoss):
                 "crossmodal_cyclic_loss": crossmodal.detach().float()}
 
 
+class SigLipLoss(nn.Module):
+    """SigLIP's sigmoid loss, computed by open_clip's `SigLipLoss`, behind this project's loss interface.
+
+    Value: with S = s·I·Tᵀ + b over the global batch and labels +1 on the diagonal, −1 elsewhere,
+    siglip_loss = −Σ_ij log σ(label_ij·S_ij) / N, a sum over columns and a mean over rows. In a
+    distributed run each process's open_clip loss takes its n = N/W image rows against its own
+    texts and, passed between the processes as `dist_impl` says, everyone else's, divided by n (its
+    local batch): the mean over processes is the single-process value, and each process's feature
+    gradient (the exchanges carry gradient back to the texts' owners) is W × the single-process
+    one, which DDP's averaging turns into the full-batch gradient, as for the other objectives.
+    That is open_clip_train's use exactly: its loss's value, backpropagated as it is.
+
+    `gather=False` (one process's evaluation of the whole batch) also reports `contrastive_loss`,
+    CLIP's loss on the same features, so that validation compares with the other objectives; in
+    training it would cost a gather of the features that SigLIP's exchanges are there to avoid.
+    `rank_weight` is accepted like every loss's and unused; SigLIP has no augmented-view term.
+    """
+
+    def __init__(self, dist_impl: str = "bidir", gather: bool = True) -> None:
+        super().__init__()
+        if dist_impl not in SIGLIP_DIST_IMPLS:
+            raise ValueError(f"unknown dist_impl {dist_impl!r}; choose one of {', '.join(SIGLIP_DIST_IMPLS)}")
+        self.dist_impl, self.gather = dist_impl, gather
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, rank_weight: float = 1.0,
+                logit_bias: Optional[Tensor] = None, augmented_image_features: Optional[Tensor] = None,
+                augmented_text_features: Optional[Tensor] = None) -> dict[str, Tensor]:
+        if logit_bias is None:
+            raise ValueError("SigLIP needs the model's logit_bias: build the model with SIGLIP_INIT")
+        if augmented_image_features is not None or augmented_text_features is not None:
+            raise ValueError("SigLIP has no augmented-view (--inmodal) term")
+        rank, world = rank_and_world() if self.gather else (0, 1)
+        # The process group is read at each call: the loss may be built before it exists.
+        siglip = open_clip.loss.SigLipLoss(rank=rank, world_size=world, dist_impl=self.dist_impl)
+        with _full_fp32_matmuls():
+            loss = siglip(image_features.float(), text_features.float(), logit_scale.float(), logit_bias.float())
+        out = {"loss": loss, "siglip_loss": loss.detach()}
+        if not self.gather:
+            with torch.no_grad():
+                out["contrastive_loss"] = ClipLoss(gather=False)(image_features, text_features,
+                                                                 logit_scale)["contrastive_loss"]
+        return out
+
+
+def model_init(loss: str) -> dict[str, float]:
+    """open_clip.create_model's keyword arguments that objective `loss` needs of the model (SIGLIP_INIT
+    for SigLIP, which learns a logit bias; none for the others)."""
+    return dict(SIGLIP_INIT) if loss == "siglip" else {}
+
+
 def build_loss(objective: ObjectiveConfig, chunk_size: Optional[int] = None, gather: bool = True) -> nn.Module:
     """The training objective named by --loss, with its weights (`gather=False`: see ClipLoss)."""
     if objective.loss == "rankclip":
@@ -416,6 +473,8 @@ def build_loss(objective: ObjectiveConfig, chunk_size: Optional[int] = None, gat
         return ClipLoss(chunk_size, gather)
     if objective.loss == "cyclip":
         return CyClipLoss(objective.cylambda1, objective.cylambda2, chunk_size, gather)
+    if objective.loss == "siglip":
+        return SigLipLoss(objective.loss_dist_impl, gather)
     raise ValueError(f"unknown loss {objective.loss!r}; choose one of {', '.join(LOSSES)}")
 
 

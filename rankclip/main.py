@@ -21,7 +21,7 @@ from .evaluate import EVAL_BATCH_SIZE, Evaluator, build_eval_tasks
 from .launch import launch, process_label
 from .loaders import build_train_data
 from .logger import RunLogger, log, setup_console_logging
-from .losses import RankWeightSchedule, build_loss
+from .losses import RankWeightSchedule, build_loss, model_init
 from .models import ModelBundle, build_model, describe_parameters
 from .optim import build_optimizer
 from .precision import build_scaler
@@ -71,7 +71,7 @@ def run(cfg: Config, runtime: Runtime) -> None:
              + (f" x {accum} micro-batches = step batch {accum * batch}" if accum > 1 else "")
              + (" | bundled demo" if cfg.run.demo else ""))
 
-    bundle = build_model(cfg.model, runtime.device)
+    bundle = build_model(cfg.model, runtime.device, model_init(cfg.objective.loss))
     evaluator = build_evaluator(cfg, runtime, bundle, logger)
     log.info(f"model {cfg.model.model_name} ({bundle.open_clip_name}), "
              f"{describe_parameters(bundle.model)}, loss {cfg.objective.loss}")

@@ -58,9 +58,14 @@ def resolve_model_name(name: str) -> str:
     raise ConfigError(f"--model_name {name}: unknown model; {hint} (or one of {', '.join(ORIGINAL_MODEL_NAMES)}, tiny-vit, tiny-rn)")
 
 
-def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) -> ModelBundle:
+def build_model(model: ModelConfig, device: torch.device = torch.device("cpu"),
+                init: Optional[dict[str, float]] = None) -> ModelBundle:
     """Create the --model_name model with fp32 weights (autocast handles mixed precision) on `device`,
     from --pretrained weights when given, its towers locked as --lock_image / --lock_text say.
+
+    `init`: open_clip.create_model's keyword arguments that the objective needs (losses.model_init:
+    SigLIP's logit scale and bias). Weights that have no logit bias give it 0, as open_clip's
+    load_checkpoint does when a CLIP model is loaded for SigLIP training.
 
     --grad_checkpointing recomputes the transformers' block activations during backward
     (open_clip supports it in ViT towers and the text tower; ResNet towers run as usual).
@@ -71,7 +76,7 @@ def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) 
         cached_tag_weights(open_clip_name, tag, model.cache_dir)
     with _hub_offline():  # the tag's file is cached: open_clip reads it (and the tag's preprocessing) from there
         network, train_transform, val_transform = open_clip.create_model_and_transforms(
-            open_clip_name, pretrained=tag, device=device, cache_dir=model.cache_dir)
+            open_clip_name, pretrained=tag, device=device, cache_dir=model.cache_dir, **(init or {}))
     if weights_file is not None:  # a local file: imported strictly into the architecture
         load_model_weights(network, weights_file)
     lock_towers(network, model, open_clip_name)

@@ -53,7 +53,8 @@ class CosineSchedule:
 def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
     """One forward pass over images and captions (and their augmented views when present).
 
-    Features come back fp32 whatever the autocast dtype: the loss math is always fp32.
+    Features come back fp32 whatever the autocast dtype: the loss math is always fp32. A SigLIP
+    model also returns its `logit_bias`, passed on to the loss beside `logit_scale`.
     """
     images, texts = batch["image"], batch["text"]
     augmented = "augmented_image" in batch
@@ -61,9 +62,11 @@ def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, prec
         images = torch.cat([images, batch["augmented_image"]])
         texts = torch.cat([texts, batch["augmented_text"]])
     with autocast(device, precision):
-        image_features, text_features, logit_scale = model(images.to(device, non_blocking=True),
-                                                           texts.to(device, non_blocking=True))
+        image_features, text_features, logit_scale, *bias = model(images.to(device, non_blocking=True),
+                                                                  texts.to(device, non_blocking=True))
     out = {"logit_scale": logit_scale.float()}
+    if bias:
+        out["logit_bias"] = bias[0].float()
     if augmented:
         n = batch["image"].shape[0]
         out["augmented_image_features"] = image_features[n:].float()

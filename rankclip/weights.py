@@ -17,7 +17,9 @@ from huggingface_hub import constants as hub_constants, try_to_load_from_cache
 from open_clip.constants import HF_WEIGHTS_NAME
 from open_clip.pretrained import _get_safe_alternatives
 
+from .logger import log
 
+BIAS, LOGIT_SCALE = "logit_bias", "logit_scale"  # open_clip's names of the logit parameters
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
 PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -85,9 +87,16 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> dict:
 
 
 def load_weights(model: torch.nn.Module, obj: dict, path: str | Path) -> None:
-    """Strictly load the weights of checkpoint `obj` (read from `path`) into `model`."""
+    """Strictly load the weights of checkpoint `obj` (read from `path`) into `model`.
+
+    The one exception: a SigLIP model (it has a logit_bias) takes weights without one with a bias of 0,
+    as open_clip's load_checkpoint does when a CLIP model starts SigLIP training.
+    """
     state = extract_state_dict(obj)
     expected = model.state_dict()
+    if BIAS in expected and BIAS not in state and LOGIT_SCALE in state:
+        log.info(f"{path} has no logit_bias (not a SigLIP model): it starts at 0, as in open_clip")
+        state[BIAS] = torch.zeros_like(expected[BIAS])
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
               if k in expected and v.shape != expected[k].shape]
     missing = sorted(set(expected) - set(state))
@@ -95,8 +104,10 @@ def load_weights(model: torch.nn.Module, obj: dict, path: str | Path) -> None:
     if missing or unexpected or shapes:
         def some(keys: list[str]) -> str:
             return f"{keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+        hint = ("it was trained with --loss siglip (it has a logit_bias): pass --loss siglip"
+                if unexpected == [BIAS] and not missing and not shapes else "check --model_name")
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {some(missing)}, unexpected "
-                          f"{some(unexpected)}, wrong shape {some(shapes)}; check --model_name")
+                          f"{some(unexpected)}, wrong shape {some(shapes)}; {hint}")
     model.load_state_dict(state, strict=True)
 
 

@@ -300,7 +300,7 @@ def test_build_loss():
     clip = build_loss(ObjectiveConfig(loss="clip", **weights), chunk_size=7)
     assert type(clip) is ClipLoss and clip.chunk_size == 7
     with pytest.raises(ValueError, match="unknown loss"):
-        build_loss(ObjectiveConfig(loss="siglip", **weights))
+        build_loss(ObjectiveConfig(loss="infonce", **weights))
 
 
 def test_loss_matmuls_run_without_tf32_and_restore_the_setting(monkeypatch):

@@ -64,10 +64,9 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("gloo")
-    context = mp.start_processes(worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD, join=False,
+def run_workers(worker, folder: Path, world: int) -> list[dict]:
+    """`worker(rank, init_file, out_dir)` on `world` spawned processes; what each saved as rank<r>.pt in `folder`."""
+    context = mp.start_processes(worker, args=(str(folder / "init"), str(folder)), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
@@ -75,7 +74,12 @@ def ranks(tmp_path_factory) -> list[dict]:
             for process in context.processes:
                 process.kill()
             pytest.fail("the gloo workers did not finish within 120 s")
-    return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(folder / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    return run_workers(worker, tmp_path_factory.mktemp("gloo"), WORLD)
 
 
 @pytest.mark.parametrize("augmented", [False, True], ids=["plain", "augmented"])
