@@ -180,7 +180,8 @@ def test_checkpoint_of_another_model_is_one_line(trained, tmp_path, capsys):
             "--logs", str(tmp_path), "--name", "wrong", "--device", "cpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not match the model: missing" in err[0] and "check --model_name" in err[0]
+    assert len(err) == 1 and "--model_name tiny-rn is not the model of checkpoint" in err[0] and \
+        "epoch_1.pt, tiny-vit: leave --model_name out to use the checkpoint's" in err[0]
 
 
 @pytest.mark.e2e
