@@ -519,8 +519,6 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
         values["dataset_type"] = "webdataset" if str(values["train_data"]).endswith(".tar") else "csv"
     if "num_workers" not in values:
         values["num_workers"] = default_num_workers(_spawned_processes(values))
-    if str(values.get("model_name", "")).endswith(".json") and values.get("model_cfg") is None:
-        values["model_cfg"] = read_model_json(values["model_name"])
     cfg = Config.from_dict(values)
     cfg.check()
     if cfg.checkpoints.checkpoint is not None or cfg.checkpoints.resume is not None:
@@ -528,6 +526,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
         from .models import checkpoint_model
         model = checkpoint_model(cfg.model, cfg.checkpoints, cfg.run.run_dir, given="model_name" in values)
         cfg = dataclasses.replace(cfg, model=model)
+    if cfg.model.from_json and cfg.model.model_cfg is None:  # kept in the configuration: the file may move
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 model_cfg=read_model_json(cfg.model.model_name)))
     if not cfg.run.name:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=_default_name(cfg.model)))
     return cfg

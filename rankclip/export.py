@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from open_clip.constants import HF_CONFIG_NAME
 from open_clip.push_to_hf_hub import generate_readme, save_for_hf
 
 from .config import ModelConfig, read_model_json
@@ -53,7 +54,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, model_name: Optional[str
 
     The model is the one the checkpoint records (or, for the original code's, recognizes); `model_name` names it
     for checkpoints that have neither and must agree with it otherwise. An `out_dir` that holds files is
-    replaced only with `force`."""
+    replaced only with `force`, and only when it is an earlier export."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     _check_out_dir(out_dir, force)
     obj = read_checkpoint(checkpoint)
@@ -80,11 +81,17 @@ def export(checkpoint: str | Path, out_dir: str | Path, model_name: Optional[str
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
+    """OUT_DIR must be new or empty; --force replaces an earlier export, but never a folder of other files."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"OUT_DIR {out_dir} is a file; name a folder to write the model into")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not force:
         raise ConfigError(f"OUT_DIR {out_dir} exists and is not empty; choose a new folder, or pass --force to "
                           f"replace it")
+    if not (out_dir / HF_CONFIG_NAME).is_file():
+        raise ConfigError(f"OUT_DIR {out_dir} is not an open_clip model folder (no {HF_CONFIG_NAME}): --force "
+                          f"replaces an earlier export only; choose a new folder")
 
 
 def _sync(folder: Path) -> None:
@@ -196,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("out_dir", help="the folder to write; it must not exist or be empty (see --force)")
     parser.add_argument("--model_name", help="the model of a checkpoint that records none and is none of the "
                                              "original code's (default: the checkpoint's)")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds files")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier export")
     args = parser.parse_args(argv)
     try:
         out_dir = export(args.checkpoint, args.out_dir, args.model_name, args.force)

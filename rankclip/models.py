@@ -25,7 +25,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from open_clip.constants import HF_CONFIG_NAME
 
-from .config import REPO_ROOT, CheckpointsConfig, ModelConfig
+from .config import REPO_ROOT, CheckpointsConfig, ModelConfig, read_model_json
 from .errors import CheckpointError, ConfigError
 from .resume import find_resume, read_resume_checkpoint
 from .weights import extract_state_dict, load_model_weights
@@ -114,18 +114,20 @@ def build_model(model: ModelConfig, device: torch.device = torch.device("cpu")) 
 
 def open_clip_name_of(model: ModelConfig) -> str:
     """The name open_clip builds `model` by; a --model_name JSON's architecture (kept in `model.model_cfg`, so
-    that it need not be where it was) is registered with open_clip under the file's name first."""
-    if model.model_cfg is None:
+    that it need not be where it was; read from the file when not) is registered with open_clip under the
+    file's name first."""
+    if model.model_cfg is None and not model.from_json:
         return resolve_model_name(model.model_name)
+    architecture = model.model_cfg if model.model_cfg is not None else read_model_json(model.model_name)
     name = Path(model.model_name).stem
     known = open_clip.get_model_config(name)
-    if known is not None and known != model.model_cfg:
+    if known is not None and known != architecture:
         raise ConfigError(f"--model_name {model.model_name}: open_clip already has a model {name} with another "
                           f"architecture; rename the file")
     if known is None:
         with tempfile.TemporaryDirectory() as folder:  # open_clip registers files; it keeps what it read
             path = Path(folder) / f"{name}.json"
-            path.write_text(json.dumps(model.model_cfg))
+            path.write_text(json.dumps(architecture))
             open_clip.add_model_config(path)
     return name
 
@@ -171,6 +173,10 @@ def model_of_checkpoint(obj: dict, path: Path, model: ModelConfig, given: bool) 
             return model
         raise CheckpointError(f"checkpoint {path} records no model and its weights are none of "
                               f"{', '.join(ORIGINAL_MODEL_NAMES)}: pass --model_name")
+    if given and model.from_json and model.model_cfg is None:
+        moved = model.model_name == recorded.model_name and not os.path.isfile(model.model_name)
+        # A JSON that has moved since: the checkpoint keeps its architecture.
+        model = dataclasses.replace(model, model_cfg=recorded.model_cfg if moved else read_model_json(model.model_name))
     if given and not _same_model(model, recorded):
         raise ConfigError(f"--model_name {model.model_name} is not the model of checkpoint {path}, "
                           f"{recorded.model_name}: leave --model_name out to use the checkpoint's")

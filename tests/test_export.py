@@ -148,13 +148,19 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, case, messag
         assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
-def test_force_replaces_a_folder_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+def test_force_replaces_an_earlier_export_only_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
     checkpoint, _ = write_checkpoint(tmp_path / "run", "tiny-vit")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    assert export_main([str(checkpoint), str(out), "--force"]) == 2
+    assert "is not an open_clip model folder (no open_clip_config.json): --force replaces an earlier export only" \
+        in capsys.readouterr().err
+    (out / "notes.txt").unlink()
+    assert export_main([str(checkpoint), str(out)]) == 0  # an empty folder is filled
+    (out / "README.md").write_text("old card")
     assert export_main([str(checkpoint), str(out), "--force"]) == 0
-    assert "old.txt" not in {p.name for p in out.iterdir()}
+    assert "old card" not in (out / "README.md").read_text()
 
     def fail_half_way(model, tokenizer, model_config, save_directory, **kwargs):
         (Path(save_directory) / "open_clip_model.safetensors").write_bytes(b"half")

@@ -196,6 +196,12 @@ def test_a_model_json_is_built_and_recorded_so_that_the_file_may_move(tmp_path, 
     (tmp_path / "narrow-test-vit.json").unlink()
     evaluation = parse_config(["--checkpoint", str(checkpoint), *evaluation_flags(colour_data, tmp_path)])
     assert evaluation.model.model_cfg == content
+    resumed = parse_config(["--model_name", cfg.model.model_name, "--resume", str(checkpoint), "--train_data",
+                            str(colour_data["train"]), "--logs", str(tmp_path), "--name", "requeued"])
+    assert resumed.model.model_cfg == content  # the same command as before the file moved
+    with pytest.raises(ConfigError, match="is not the model of checkpoint"):
+        parse_config(["--model_name", str(REPO / "configs" / "tiny-vit.json"), "--checkpoint", str(checkpoint),
+                      *evaluation_flags(colour_data, tmp_path)])
     # A fresh process, where open_clip has not registered the architecture: it is rebuilt from the record.
     subprocess.run([sys.executable, "-m", "rankclip.export", str(checkpoint), str(tmp_path / "out")], check=True,
                    capture_output=True)
