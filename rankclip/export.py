@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from open_clip.constants import HF_CONFIG_NAME
 from open_clip.push_to_hf_hub import generate_readme, save_for_hf
 
-from .config import ModelConfig, read_model_json
+from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, RankCLIPError, ReportError
 from .files import fsync_folder, temporary_name
 from .models import ModelBundle, build_model, model_of_checkpoint
@@ -61,8 +61,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, model_name: Optional[str
     if not extract_state_dict(obj):
         raise CheckpointError(f"checkpoint {checkpoint} holds no model weights (no tensors); export a checkpoint "
                               f"of a training run")
-    given = ModelConfig(model_name=model_name, model_cfg=read_model_json(model_name) if model_name.endswith(".json")
-                        else None) if model_name else ModelConfig()
+    given = ModelConfig(model_name=model_name) if model_name else ModelConfig()
     model = model_of_checkpoint(obj, checkpoint, given, given=model_name is not None)
     bundle = build_model(model)
     load_weights(bundle.model, obj, checkpoint)
