@@ -70,7 +70,7 @@ def resolve_model_name(name: str) -> str:
         repo = name[len("hf-hub:"):]
         if not isinstance(huggingface_hub.try_to_load_from_cache(repo, HF_CONFIG_NAME), str):
             raise ConfigError(f"--model_name {name}: not in the local Hugging Face cache; fetch it beforehand with "
-                              f"huggingface-cli download {repo}")
+                              f"hf download {repo} (huggingface_hub's CLI)")
         return name
     if name in ORIGINAL_MODEL_NAMES:
         return ORIGINAL_MODEL_NAMES[name]

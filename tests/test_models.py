@@ -166,7 +166,7 @@ def test_hf_hub_names_load_from_the_local_cache_only(tmp_path, monkeypatch):
     checkpoint, bundle = write_checkpoint(tmp_path / "run", "tiny-vit")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ConfigError, match="hf-hub:someone/tiny: not in the local Hugging Face cache; fetch it "
-                                          "beforehand with huggingface-cli download someone/tiny"):
+                                          "beforehand with hf download someone/tiny"):
         build_model(ModelConfig(model_name="hf-hub:someone/tiny"))
     fill_hub_cache(tmp_path / "hub", "someone/tiny", export(checkpoint, tmp_path / "exported"))
     loaded = build_model(ModelConfig(model_name="hf-hub:someone/tiny")).model
@@ -252,3 +252,13 @@ def test_the_default_num_workers_is_shared_among_distributed_processes(monkeypat
     assert parse_config([*train, "--distributed", "--device_ids", "0", "1", "2"]).data.num_workers == 2
     assert parse_config([*train, "--num_workers", "5"]).data.num_workers == 5
     assert Config.from_dict({}).data.num_workers <= 4
+
+
+def test_a_checkpoint_that_holds_code_is_one_line_at_start_up(tmp_path, colour_data, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "payload": Config()}, path)  # a class: loading it needs full unpickling
+    assert main(["--checkpoint", str(path), *evaluation_flags(colour_data, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rankclip: error: checkpoint {path} holds code (a pickled rankclip.config.Config) and is not "
+                   f"loaded: only tensors and plain values are read; save the model's weights alone (its "
+                   f"state_dict, or safetensors) and pass that file"]
