@@ -350,7 +350,7 @@ def test_a_broken_epoch_latest_points_at_the_epoch_checkpoint(trained, colour_da
 
 @pytest.mark.e2e
 def test_a_checkpoint_of_another_run_is_refused_naming_the_differences(trained, colour_data, tmp_path, capsys):
-    """(Another model is refused before, naming both: tests/test_models.py.)"""
+    """(Another model is refused before, naming both: tests/test_model_choice.py.)"""
     other = flags(dict(colour_data, train=colour_data["validation"]), tmp_path, "other", "--batch_size", "16",
                   "--resume", str(trained / "checkpoints" / "epoch_2.pt"), evaluate=False)
     assert main(other) == 2
