@@ -43,6 +43,12 @@ SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 DATASET_TYPES = ("auto", "csv", "webdataset")
 PRECISIONS = ("amp", "amp_bf16", "fp32")
 RANK_SCHEDULES = ("reference", "constant")
+# --model_name prefixes of open_clip's model folders (open_clip_config.json + weights), as open_clip spells them.
+MODEL_FOLDER_SCHEMAS = ("local-dir:", "hf-hub:")
+# The keys open_clip requires of a model JSON (its registry skips files without them).
+MODEL_JSON_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+# The most data-loader workers a process gets by default (more rarely speed up CLIP-sized images).
+DEFAULT_MAX_WORKERS = 4
 # --best_metric: which recorded quantities are better when higher, which when lower (by their key).
 HIGHER_IS_BETTER = re.compile(r"(zeroshot|linear_probe)_top\d+|.*_R@\d+|.*_consistency")
 LOWER_IS_BETTER = re.compile(r".*loss|alignment|.*_uniformity|modality_gap")
@@ -81,6 +87,15 @@ def _check_signs(section: object, positive: Sequence[str] = (), non_negative: Se
             raise ConfigError(f"--{key} must not be negative, got {getattr(section, key)}")
 
 
+def default_num_workers(local_processes: Optional[int] = None) -> int:
+    """The default --num_workers: the CPUs this process may use (its affinity, as torch's DataLoader counts
+    them) shared among this node's processes (torchrun's LOCAL_WORLD_SIZE, or `local_processes`), at most
+    DEFAULT_MAX_WORKERS; 0 (loading in the process itself) when there are fewer CPUs than processes."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(DEFAULT_MAX_WORKERS, cpus // max(1, processes))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Which run this is: its folder, its seed and where it is tracked."""
@@ -107,8 +122,10 @@ class RunConfig:
 class ModelConfig:
     """The architecture (open_clip), the weights it starts from and which of them train."""
 
-    model_name: str = setting("RN50", "RN50, RN101, RN50x4, ViT-B/32, any open_clip name, or configs/*.json "
-                              "(default {default})", type=str)
+    model_name: str = setting("RN50", "RN50, RN101, RN50x4, ViT-B/32, any open_clip name, configs/*.json names, "
+                              "a path to an open_clip model JSON, or an open_clip model folder (local-dir:DIR, "
+                              "hf-hub:ORG/NAME from the local cache); default: the model of the --checkpoint or "
+                              "--resume checkpoint, else {default}", type=str)
     pretrained: Optional[str] = setting(None, "start from OpenAI's weights (no value), from released weights by "
                                         "their open_clip tag (e.g. laion2b_s34b_b79k; see open_clip."
                                         "list_pretrained_tags_by_model), read from the local cache, or from a local "
@@ -130,6 +147,18 @@ class ModelConfig:
     lock_text_freeze_layer_norm: bool = setting(False, "with --lock_text, lock the LayerNorms of the locked layers "
                                                 "too (open_clip's own text towers always do: required there)",
                                                 action="store_true")
+    model_cfg: Optional[dict] = field(default=None, metadata={
+        "help": "the architecture of a --model_name JSON file (its content), kept so that checkpoints rebuild it"})
+
+    @property
+    def from_json(self) -> bool:
+        """--model_name is the path of an open_clip model JSON file."""
+        return self.model_name.endswith(".json")
+
+    @property
+    def from_folder(self) -> bool:
+        """--model_name is an open_clip model folder (local-dir:DIR or hf-hub:ORG/NAME), which holds its weights."""
+        return self.model_name.startswith(MODEL_FOLDER_SCHEMAS)
 
     def check(self) -> None:
         _check_signs(self, non_negative=("lock_image_unlocked_groups", "lock_text_unlocked_layers"))
@@ -138,6 +167,9 @@ class ModelConfig:
             given = [key for key in options if getattr(self, key) and not getattr(self, lock)]
             if given:
                 raise ConfigError(f"--{given[0]} applies to a locked tower: add --{lock}")
+        if self.from_folder and self.pretrained is not None:
+            raise ConfigError(f"--pretrained: --model_name {self.model_name} brings its own weights; leave "
+                              f"--pretrained out")
 
 
 @dataclass(frozen=True)
@@ -162,7 +194,9 @@ class DataConfig:
     delimiter: str = setting(",", "CSV delimiter (default ','; TSV: $'\\t')", type=str)
     image_key: str = setting("image", "column of image paths (default {default})", type=str)
     caption_key: str = setting("caption", "column of captions (default {default})", type=str)
-    num_workers: int = setting(4, "data loader workers per process (default {default})", type=int)
+    num_workers: int = setting(default_num_workers(), "data loader workers per process (default: the CPUs this "
+                               "process may use, shared among the node's processes, at most 4; {default} here)",
+                               type=int)
     inmodal: bool = setting(False, "add augmented views and the in-modal contrastive term", action="store_true")
 
     @property
@@ -412,9 +446,9 @@ class Config:
         for section in self.sections():
             getattr(section, "check", lambda: None)()
         if data.train_data is None and checkpoints.checkpoint is None and checkpoints.resume is None \
-                and self.model.pretrained is None:
-            raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint (or --pretrained) with "
-                              "--eval_* or --retrieval_data to evaluate")
+                and self.model.pretrained is None and not self.model.from_folder:
+            raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint (or --pretrained, or "
+                              "--model_name local-dir:DIR) with --eval_* or --retrieval_data to evaluate")
         self._check_best_metric()
 
     def _check_best_metric(self) -> None:
@@ -447,10 +481,6 @@ def setting_type(key: str) -> Any:
     return typing.get_type_hints(SECTIONS[SETTINGS[key][0]])[key]
 
 
-def default_value(key: str) -> Any:
-    return SETTINGS[key][1].default
-
-
 def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     """The original code's flags, one argument group per section. Defaults are SUPPRESSed so that
     parse_config can tell which flags were given.
@@ -474,14 +504,19 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _read_config_file(path: str) -> dict:
+def _read_json(flag: str, path: str, wanted: str, example: str = "") -> Any:
+    """The content of the JSON file that `flag` names; a missing or malformed file is a ConfigError."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file; pass a JSON file of flag values")
+        raise ConfigError(f"{flag} {path}: no such file; pass {wanted}")
     try:
         with open(path) as f:
-            values = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid JSON ({e}); write it as {{\"epochs\": 10, ...}}") from e
+        raise ConfigError(f"{flag} {path}: not valid JSON ({e}){example}") from e
+
+
+def _read_config_file(path: str) -> dict:
+    values = _read_json("--config", path, "a JSON file of flag values", '; write it as {"epochs": 10, ...}')
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of flag values")
     unknown = sorted(set(values) - set(SETTINGS))
@@ -521,12 +556,47 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
         raise ConfigError(f"--resume {values['resume']} needs the --name of the run to continue")
     if values.get("dataset_type", "auto") == "auto" and values.get("train_data"):
         values["dataset_type"] = "webdataset" if str(values["train_data"]).endswith(".tar") else "csv"
-    if not values.get("name"):
-        model = str(values.get("model_name", default_value("model_name"))).replace("/", "-")
-        values["name"] = f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{model}"
+    if "num_workers" not in values:
+        values["num_workers"] = default_num_workers(_spawned_processes(values))
     cfg = Config.from_dict(values)
     cfg.check()
+    if cfg.checkpoints.checkpoint is not None or cfg.checkpoints.resume is not None:
+        # Here: models.py imports this module, and only runs that start from a checkpoint need it (and torch).
+        from .models import checkpoint_model
+        model = checkpoint_model(cfg.model, cfg.checkpoints, cfg.run.run_dir, given="model_name" in values)
+        cfg = dataclasses.replace(cfg, model=model)
+    if cfg.model.from_json and cfg.model.model_cfg is None:  # kept in the configuration: the file may move
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 model_cfg=read_model_json(cfg.model.model_name)))
+    if not cfg.run.name:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=_default_name(cfg.model)))
     return cfg
+
+
+def _default_name(model: ModelConfig) -> str:
+    """A run's name when --name is not given: the time and the model (a JSON's file name)."""
+    spelled = Path(model.model_name).stem if model.from_json else model.model_name.replace("/", "-")
+    return f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{spelled}"
+
+
+def _spawned_processes(values: dict) -> Optional[int]:
+    """How many processes --distributed starts on this node (one per GPU), or None without it."""
+    if not values.get("distributed"):
+        return None
+    if values.get("device_ids"):
+        return len(values["device_ids"])
+    import torch  # here: only --distributed needs the GPU count, and the configuration loads without torch
+
+    return torch.cuda.device_count()
+
+
+def read_model_json(path: str) -> dict:
+    """The content of a --model_name JSON file: an open_clip model config (embed_dim, vision_cfg, text_cfg)."""
+    content = _read_json("--model_name", path, "an open_clip model JSON or a model name")
+    if not isinstance(content, dict) or not all(key in content for key in MODEL_JSON_KEYS):
+        raise ConfigError(f"--model_name {path}: not an open_clip model config (it needs "
+                          f"{', '.join(MODEL_JSON_KEYS)}, as in open_clip's model_configs/)")
+    return content
 
 
 def best_metric_key(name: str) -> str:

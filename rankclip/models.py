@@ -7,19 +7,28 @@ files in configs/ (tiny-vit, tiny-rn) are registered as extra open_clip models.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
+import logging
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import huggingface_hub
 import open_clip
 import torch
 from huggingface_hub import constants as hub_constants
+from open_clip.constants import HF_CONFIG_NAME
 
-from .config import REPO_ROOT, ModelConfig
-from .errors import ConfigError
-from .weights import cached_tag_weights, load_model_weights
+from .config import REPO_ROOT, CheckpointsConfig, ModelConfig, read_model_json
+from .errors import CheckpointError, ConfigError
+from .resume import find_resume, read_resume_checkpoint
+from .weights import cached_tag_weights, extract_state_dict, load_model_weights
 
 ORIGINAL_MODEL_NAMES = {
     "RN50": "RN50-quickgelu",
@@ -29,13 +38,16 @@ ORIGINAL_MODEL_NAMES = {
 }
 OPENAI_WEIGHTS = "openai"
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# What open_clip logs when it builds a model without weights; a model built so on purpose (weights follow from a
+# checkpoint, or training starts from scratch) does not say it.
+RANDOM_INIT_NOTICE = "No pretrained weights loaded for model"
 
 open_clip.add_model_config(REPO_ROOT / "configs")
 
 
 @dataclass
 class ModelBundle:
-    """A built model with what goes with it: its transforms, tokenizer, open_clip name and input size."""
+    """A built model with what goes with it: its transforms, tokenizer, open_clip name, input size and architecture."""
 
     model: torch.nn.Module
     train_transform: Callable
@@ -43,10 +55,24 @@ class ModelBundle:
     tokenizer: Callable
     open_clip_name: str
     image_size: int  # the side the transforms resize images to
+    model_cfg: dict  # the whole architecture, as open_clip's model JSONs and model folders write it
 
 
 def resolve_model_name(name: str) -> str:
-    """Original code's name, open_clip name ('ViT-B/16' spelled with a slash too) or configs/ JSON -> open_clip name."""
+    """Original code's name, open_clip name ('ViT-B/16' spelled with a slash too), configs/ JSON name or model
+    folder (local-dir:DIR, hf-hub:ORG/NAME, checked to be there) -> the name open_clip builds it by."""
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        if not (folder / HF_CONFIG_NAME).is_file():
+            raise ConfigError(f"--model_name {name}: no open_clip model folder there (it needs "
+                              f"{HF_CONFIG_NAME}); write one with python -m rankclip.export")
+        return name
+    if name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:"):]
+        if not isinstance(huggingface_hub.try_to_load_from_cache(repo, HF_CONFIG_NAME), str):
+            raise ConfigError(f"--model_name {name}: not in the local Hugging Face cache; fetch it beforehand with "
+                              f"hf download {repo} (huggingface_hub's CLI)")
+        return name
     if name in ORIGINAL_MODEL_NAMES:
         return ORIGINAL_MODEL_NAMES[name]
     known = open_clip.list_models()
@@ -70,21 +96,123 @@ def build_model(model: ModelConfig, device: torch.device = torch.device("cpu"),
     --grad_checkpointing recomputes the transformers' block activations during backward
     (open_clip supports it in ViT towers and the text tower; ResNet towers run as usual).
     """
-    open_clip_name = resolve_model_name(model.model_name)
+    open_clip_name = open_clip_name_of(model)
     tag, weights_file = pretrained_source(open_clip_name, model.pretrained)
     if tag is not None:
         cached_tag_weights(open_clip_name, tag, model.cache_dir)
-    with _hub_offline():  # the tag's file is cached: open_clip reads it (and the tag's preprocessing) from there
+    with _building(model):  # a tag's file is cached: open_clip reads it (and the tag's preprocessing) from there
         network, train_transform, val_transform = open_clip.create_model_and_transforms(
             open_clip_name, pretrained=tag, device=device, cache_dir=model.cache_dir, **(init or {}))
     if weights_file is not None:  # a local file: imported strictly into the architecture
         load_model_weights(network, weights_file)
     lock_towers(network, model, open_clip_name)
     network.set_grad_checkpointing(model.grad_checkpointing)
-    tokenizer = open_clip.get_tokenizer(open_clip_name, cache_dir=model.cache_dir)
-    size = open_clip.get_model_config(open_clip_name)["vision_cfg"]["image_size"]
+    with _building(model):
+        tokenizer = open_clip.get_tokenizer(open_clip_name, cache_dir=model.cache_dir)
+        architecture = open_clip.get_model_config(open_clip_name)
+    size = architecture["vision_cfg"]["image_size"]
     image_size = max(size) if isinstance(size, (list, tuple)) else int(size)
-    return ModelBundle(network, train_transform, val_transform, tokenizer, open_clip_name, image_size)
+    return ModelBundle(network, train_transform, val_transform, tokenizer, open_clip_name, image_size, architecture)
+
+
+def open_clip_name_of(model: ModelConfig) -> str:
+    """The name open_clip builds `model` by; a --model_name JSON's architecture (kept in `model.model_cfg`, so
+    that it need not be where it was; read from the file when not) is registered with open_clip under the
+    file's name first."""
+    if model.model_cfg is None and not model.from_json:
+        return resolve_model_name(model.model_name)
+    architecture = model.model_cfg if model.model_cfg is not None else read_model_json(model.model_name)
+    name = Path(model.model_name).stem
+    known = open_clip.get_model_config(name)
+    if known is not None and known != architecture:
+        raise ConfigError(f"--model_name {model.model_name}: open_clip already has a model {name} with another "
+                          f"architecture; rename the file")
+    if known is None:
+        with tempfile.TemporaryDirectory() as folder:  # open_clip registers files; it keeps what it read
+            path = Path(folder) / f"{name}.json"
+            path.write_text(json.dumps(architecture))
+            open_clip.add_model_config(path)
+    return name
+
+
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's notice that a model was built without weights."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(RANDOM_INIT_NOTICE)
+
+
+@contextmanager
+def _building(model: ModelConfig) -> Iterator[None]:
+    """While `model` is built: Hugging Face hub calls answer from the local cache alone, never from the network
+    (--pretrained tags and hf-hub: folders are read from there), and a model built without weights on purpose
+    (they come from a checkpoint or a --pretrained file, or training starts from scratch; a model folder brings
+    its own) does not log open_clip's random-init notice."""
+    root, notice, offline = logging.getLogger(), _RandomInitNotice(), hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    if not model.from_folder:
+        root.addFilter(notice)
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = offline
+        root.removeFilter(notice)
+
+
+def checkpoint_model(model: ModelConfig, checkpoints: CheckpointsConfig, run_dir: Path, given: bool) -> ModelConfig:
+    """The model of the checkpoint a run starts from (--resume, else --checkpoint): the one it records, or for the
+    original code's checkpoints, which record none, the one of ORIGINAL_MODEL_NAMES its weights' shapes are. A
+    `given` --model_name must be that model (a spelling of it, or a JSON of the same architecture)."""
+    path = find_resume(checkpoints, run_dir, training=True)
+    if path is None:
+        return model
+    return model_of_checkpoint(read_resume_checkpoint(path, run_dir, mmap=True), path, model, given)
+
+
+def model_of_checkpoint(obj: dict, path: Path, model: ModelConfig, given: bool) -> ModelConfig:
+    """The model of checkpoint dict `obj` (read from `path`), see checkpoint_model."""
+    recorded = recorded_model(obj)
+    if recorded is None:
+        if given:
+            return model
+        raise CheckpointError(f"checkpoint {path} records no model and its weights are none of "
+                              f"{', '.join(ORIGINAL_MODEL_NAMES)}: pass --model_name")
+    if given and model.from_json and model.model_cfg is None:
+        moved = model.model_name == recorded.model_name and not os.path.isfile(model.model_name)
+        # A JSON that has moved since: the checkpoint keeps its architecture.
+        model = dataclasses.replace(model, model_cfg=recorded.model_cfg if moved else read_model_json(model.model_name))
+    if given and not _same_model(model, recorded):
+        raise ConfigError(f"--model_name {model.model_name} is not the model of checkpoint {path}, "
+                          f"{recorded.model_name}: leave --model_name out to use the checkpoint's")
+    return dataclasses.replace(model, model_name=recorded.model_name, model_cfg=recorded.model_cfg)
+
+
+def recorded_model(obj: dict) -> Optional[ModelConfig]:
+    """The model a checkpoint dict was written by: its record (this project's), or recognized by its weights'
+    shapes among the original code's models; None when it is neither."""
+    settings = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    name = obj.get("model_name") or settings.get("model_name")
+    if isinstance(name, str):
+        return ModelConfig(model_name=name, model_cfg=settings.get("model_cfg"))
+    shapes = {key: tuple(value.shape) for key, value in extract_state_dict(obj).items()}
+    for original, open_clip_name in ORIGINAL_MODEL_NAMES.items():
+        if architecture_shapes(open_clip_name) == shapes:
+            return ModelConfig(model_name=original)
+    return None
+
+
+@cache
+def architecture_shapes(open_clip_name: str) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of an open_clip model and its shape, from a model built without memory (meta)."""
+    with torch.device("meta"), _building(ModelConfig(model_name=open_clip_name)):
+        network = open_clip.create_model(open_clip_name, device="meta")
+    return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+
+
+def _same_model(given: ModelConfig, recorded: ModelConfig) -> bool:
+    if given.model_cfg is not None or recorded.model_cfg is not None:
+        return given.model_cfg == recorded.model_cfg
+    return resolve_model_name(given.model_name) == resolve_model_name(recorded.model_name)
 
 
 def pretrained_source(open_clip_name: str, pretrained: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -107,17 +235,6 @@ def pretrained_source(open_clip_name: str, pretrained: Optional[str]) -> tuple[O
                  if others and pretrained != OPENAI_WEIGHTS else "")
     raise ConfigError(f"--pretrained: {unknown}; its tags: {', '.join(tags) or 'none'}{elsewhere}; "
                       f"or pass --pretrained PATH to a weights file")
-
-
-@contextmanager
-def _hub_offline() -> Iterator[None]:
-    """Hugging Face hub calls answer from the local cache only, never from the network."""
-    offline = hub_constants.HF_HUB_OFFLINE
-    hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE = offline
 
 
 def lock_towers(network: torch.nn.Module, model: ModelConfig, open_clip_name: str) -> None:

@@ -95,13 +95,13 @@ def check_run_folder(run_dir: Path, *, training: bool, resume: Optional[str], re
         raise ConfigError(f"{run_dir} already holds a run's results; choose another --name for this evaluation")
 
 
-def read_resume_checkpoint(path: Path, run_dir: Path) -> dict:
-    """Read the checkpoint to continue; when this run's own epoch_latest.pt is truncated or foreign
-    (another program's), one line points at the epoch checkpoint to fall back on. A checkpoint of
-    another run is refused by check_resumed_config, naming the differences."""
+def read_resume_checkpoint(path: Path, run_dir: Path, mmap: bool = False) -> dict:
+    """Read the checkpoint to continue (`mmap`: see read_checkpoint); when this run's own epoch_latest.pt is
+    truncated or foreign (another program's), one line points at the epoch checkpoint to fall back on. A
+    checkpoint of another run is refused by check_resumed_config, naming the differences."""
     own_latest = path == latest_path(run_dir)
     try:
-        obj = read_checkpoint(path)
+        obj = read_checkpoint(path, mmap)
     except CheckpointError as e:
         if not own_latest:
             raise

@@ -3,9 +3,9 @@ checkpoints written by other projects, and finding open_clip's released weights 
 
 from __future__ import annotations
 
-from .errors import CheckpointError, ConfigError
-
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -17,16 +17,19 @@ from huggingface_hub import constants as hub_constants, try_to_load_from_cache
 from open_clip.constants import HF_WEIGHTS_NAME
 from open_clip.pretrained import _get_safe_alternatives
 
+from .errors import CheckpointError, ConfigError
 from .logger import log
 
 BIAS, LOGIT_SCALE = "logit_bias", "logit_scale"  # open_clip's names of the logit parameters
 # Wrappers whose name prefixes every key: DDP, torch.compile, Lightning modules (self.model).
 PREFIXES = ("module.", "_orig_mod.", "model.")
+# What torch's weights-only unpickler names when a file holds code: the class or function it would import.
+PICKLED_CODE = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file safely (no pickled code) onto the CPU: torch files or safetensors."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Load a checkpoint file safely (no pickled code) onto the CPU: torch files or safetensors. With `mmap`
+    a torch file's tensors stay in the file until they are read (a look at its record costs no memory)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -39,12 +42,32 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: a TorchScript archive (such as OpenAI's original release), which "
                           f"holds code; load it once with open_clip.load_openai_model and save its state_dict()")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_weights_only(path, mmap)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: cannot be read as a weights-only torch file ({e})") from e
+        code = PICKLED_CODE.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if code:
+            raise CheckpointError(f"checkpoint {path} holds code (a pickled {code.group(1)}) and is not loaded: only "
+                                  f"tensors and plain values are read; save the model's weights alone (its "
+                                  f"state_dict, or safetensors) and pass that file") from e
+        raise CheckpointError(f"checkpoint {path}: damaged or not a torch file ({_first_sentence(e)})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
+
+
+def _load_weights_only(path: Path, mmap: bool) -> object:
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files of torch's legacy (non-zip) format cannot be mapped: read them whole
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _first_sentence(error: Exception) -> str:
+    """What an error from torch says first (its messages run to several lines of advice)."""
+    text = str(error).strip()
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0] if text else type(error).__name__
 
 
 def _is_torchscript(path: Path) -> bool:

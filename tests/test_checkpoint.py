@@ -72,10 +72,24 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
 
 
 def test_pickled_code_is_not_loaded(tmp_path):
+    """One line that says so, without torch's advice to load it with weights_only=False (#21)."""
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "payload": Config()}, path)  # an arbitrary class needs full unpickling
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError) as error:
         read_checkpoint(path)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "weights_only=False" not in message
+    assert f"checkpoint {path} holds code (a pickled rankclip.config.Config) and is not loaded" in message
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "cut.pt"
+    torch.save({"state_dict": linear_weights()}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path, mmap=True)
+    assert str(error.value) == (f"checkpoint {path}: damaged or not a torch file (PytorchStreamReader failed reading "
+                                f"zip archive: failed finding central directory.)")
 
 
 def checkpoint_state(epoch: int, model: torch.nn.Module, position=None, name: str = "run") -> dict:
