@@ -481,6 +481,10 @@ def setting_type(key: str) -> Any:
     return typing.get_type_hints(SECTIONS[SETTINGS[key][0]])[key]
 
 
+def default_value(key: str) -> Any:
+    return SETTINGS[key][1].default
+
+
 def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     """The original code's flags, one argument group per section. Defaults are SUPPRESSed so that
     parse_config can tell which flags were given.
