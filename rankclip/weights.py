@@ -18,7 +18,10 @@ PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file safely (no pickled code) onto the CPU: torch files or safetensors."""
+    """Load a checkpoint file safely (no pickled code) onto the CPU: torch files or safetensors.
+
+    Torch files are memory-mapped: reading one entry (its "epoch") reads no tensor, the processes of
+    a machine share the file's pages, and a tensor's bytes are read when it is first used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -31,7 +34,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: a TorchScript archive (such as OpenAI's original release), which "
                           f"holds code; load it once with open_clip.load_openai_model and save its state_dict()")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise CheckpointError(f"checkpoint {path}: cannot be read as a weights-only torch file ({e})") from e
     if not isinstance(obj, dict):
