@@ -306,8 +306,9 @@ class CheckpointsConfig:
     save_every_steps: int = setting(0, "also write epoch_latest.pt every N optimizer steps (default off)", type=int)
     keep_checkpoints: Optional[int] = setting(None, "keep only the K newest epoch_<N>.pt (latest and best are "
                                               "always kept)", type=int)
-    resume_allow_changes: bool = setting(False, "resume although the batch size, epochs, warmup, data or seed "
-                                         "differ from the checkpoint's (logged)", action="store_true")
+    resume_allow_changes: bool = setting(False, "resume although the batch size, epochs, warmup, data, seed or "
+                                         "AdamW settings differ from the checkpoint's (logged; the flags' "
+                                         "values are used)", action="store_true")
     best_metric: str = setting("contrastive_loss", "what epoch.best.pt is chosen by: a validation quantity "
                                "(default contrastive_loss) or eval/<set>/<key>, retrieval/<file>/<key> "
                                "(e.g. eval/ImageNet1K/zeroshot_top1)", type=str)

@@ -19,9 +19,10 @@ from .runtime import Runtime
 from .weights import extract_state_dict, read_checkpoint
 
 
-# What places a run's schedule and data: a resumed run must keep them (or say --resume_allow_changes).
+# What places a run's schedule and data, and the AdamW settings the optimizer's groups hold: a resumed
+# run must keep them (or say --resume_allow_changes; the optimizer then takes the flags' values).
 RESUME_KEYS = ("model_name", "train_data", "dataset_type", "train_num_samples", "batch_size", "accum_freq",
-               "epochs", "num_warmup_steps", "seed")
+               "epochs", "num_warmup_steps", "seed", "beta1", "beta2", "eps", "weight_decay")
 
 
 # Of those, the ones that place the data inside an epoch: a mid-epoch position means nothing under others.
@@ -178,15 +179,20 @@ def restore_rank_state(obj: dict, runtime: Runtime, seed: int, step: int) -> dic
 
 
 def restore_optimizer(obj: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The checkpoint's optimizer state, matched to `optimizer`'s parameters by name (see optim.py);
-    if it does not map completely, the optimizer starts fresh and one warning says why."""
+    """The checkpoint's optimizer state, matched to `optimizer`'s parameters by name (see optim.py), under
+    this run's AdamW settings (a difference is logged); if it does not map completely, the optimizer
+    starts fresh and one warning says why."""
     saved_order = list(extract_state_dict(obj))
     mapped, reason = state_by_name(obj["optimizer"], saved_order, model)
     if mapped is not None:
         try:
-            load_optimizer_state(optimizer, mapped)
-            return
+            changed = load_optimizer_state(optimizer, mapped)
         except (ValueError, KeyError, TypeError) as e:
             reason = str(e)
+        else:
+            if changed:
+                log.info(f"the checkpoint's optimizer had other AdamW settings: {', '.join(changed)} "
+                         f"(this run trains with its flags' values, as params.txt shows)")
+            return
     log.warning(f"the checkpoint's optimizer state does not fit this model ({reason}): "
                 f"training continues with a fresh optimizer (Adam moments start from zero)")
