@@ -304,8 +304,9 @@ class CheckpointsConfig:
     save_every_minutes: Optional[float] = setting(None, "also write epoch_latest.pt mid-epoch every M minutes "
                                                   "(default 30 on GPUs, off on CPUs; 0 = off)", type=float)
     save_every_steps: int = setting(0, "also write epoch_latest.pt every N optimizer steps (default off)", type=int)
-    keep_checkpoints: Optional[int] = setting(None, "keep only the K newest epoch_<N>.pt (latest and best are "
-                                              "always kept)", type=int)
+    keep_checkpoints: Optional[int] = setting(3, "keep the K newest epoch_<N>.pt (default {default}; 0 = every "
+                                              "epoch's); epoch_latest.pt and epoch.best.pt are always kept",
+                                              type=int)
     resume_allow_changes: bool = setting(False, "resume although the batch size, epochs, warmup, data, seed or "
                                          "AdamW settings differ from the checkpoint's (logged; the flags' "
                                          "values are used)", action="store_true")
@@ -315,9 +316,7 @@ class CheckpointsConfig:
 
     def check(self) -> None:
         _check_file("checkpoint", self.checkpoint)
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ConfigError(f"--keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
-        _check_signs(self, non_negative=("save_every_minutes", "save_every_steps"))
+        _check_signs(self, non_negative=("save_every_minutes", "save_every_steps", "keep_checkpoints"))
         higher_is_better(self.best_metric)
 
 

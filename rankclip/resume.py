@@ -9,14 +9,14 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import Checkpointer, TrainState, checkpoints_dir, epoch_files, latest_path
+from .checkpoint import TRAINING_KEYS, Checkpointer, TrainState, checkpoints_dir, epoch_files, latest_path
 from .config import CheckpointsConfig
 from .errors import ConfigError, CheckpointError
 from .logger import log
 from .optim import load_optimizer_state, state_by_name
 from .rankstate import restore_rng, saved_rank_states, seed_rank
 from .runtime import Runtime
-from .weights import extract_state_dict, read_checkpoint
+from .weights import extract_state_dict, load_weights, read_checkpoint
 
 
 # What places a run's schedule and data, and the AdamW settings the optimizer's groups hold: a resumed
@@ -104,7 +104,7 @@ def read_resume_checkpoint(path: Path, run_dir: Path) -> dict:
         if not own_latest:
             raise
         raise CheckpointError(f"{e}; {_fallback(path.parent)}") from e
-    if own_latest and not {"config", "step", "optimizer"} <= set(obj):
+    if own_latest and not set(TRAINING_KEYS) <= set(obj):
         raise CheckpointError(f"{path} is not a training checkpoint of this project (it has no config, step or "
                           f"optimizer); {_fallback(path.parent)}")
     return obj
@@ -131,10 +131,24 @@ class ResumePoint:
     failed: tuple = ()
 
 
-def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, steps_per_epoch: int,
+def resume_training(path: Path, run_dir: Path, state: TrainState, checkpointer: Checkpointer, settings: dict,
+                    steps_per_epoch: int, runtime: Runtime, seed: int) -> ResumePoint:
+    """Continue run `run_dir` (flat `settings`) from checkpoint `path`: read it, refuse what cannot be
+    continued, load its weights into `state.model` and restore the rest (`restore_training`).
+
+    The checkpoint dict lives only inside this call: once its tensors are copied into the model and
+    the optimizer (on their device) it is released, and with it the memory-mapped file. Only the
+    small ResumePoint, this rank's share, stays."""
+    obj = read_resume_checkpoint(path, run_dir)
+    check_resumed_config(obj, path, settings, runtime.world_size)
+    load_weights(state.model, obj, path)
+    return restore_training(obj, path, state, checkpointer, steps_per_epoch, runtime, seed)
+
+
+def restore_training(obj: dict, path: Path, state: TrainState, checkpointer: Checkpointer, steps_per_epoch: int,
                      runtime: Runtime, seed: int) -> ResumePoint:
-    """Optimizer, scaler, step count, this rank's RNG and epoch progress, and the best value from a
-    checkpoint whose weights are already loaded into `state.model`.
+    """Optimizer, scaler, step count, this rank's RNG and epoch progress, and the best value from
+    checkpoint `obj` (read from `path`) whose weights are already loaded into `state.model`.
 
     Checkpoints of the original code/CyCLIP carry no step or RNG state: the step is then derived from
     the epoch, and each rank is seeded from (seed, rank, step).
@@ -145,7 +159,7 @@ def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, s
         restore_optimizer(obj, state.model, state.optimizer)
     if state.scaler is not None and obj.get("scaler"):
         state.scaler.load_state_dict(obj["scaler"])
-    checkpointer.restore(obj)
+    checkpointer.restore(obj, path)
     epoch = int(obj["epoch"])
     step = int(obj.get("step", epoch * steps_per_epoch))
     state.step = step
@@ -160,7 +174,9 @@ def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, s
 def restore_rank_state(obj: dict, runtime: Runtime, seed: int, step: int) -> dict:
     """This rank's own entry of the checkpoint, its generators restored. When the number of
     processes changed: a deterministic re-seed, and rank 0 takes over the partial epoch's sums
-    (scaled so that their mean over the new ranks is the old mean) and unreadable images."""
+    (scaled so that their mean over the new ranks is the old mean) and unreadable images; the
+    other ranks hold the same sums at 0, since every rank adds up the same keys at the epoch's end
+    (which may come at once: a checkpoint written at an epoch's last step)."""
     world, states = saved_rank_states(obj)
     if world == runtime.world_size:
         restore_rng(states[runtime.rank]["rng"], runtime.device, runtime.rank)
@@ -169,12 +185,14 @@ def restore_rank_state(obj: dict, runtime: Runtime, seed: int, step: int) -> dic
         log.info(f"world size changed: the checkpoint was written by {world} processes, this run has "
                  f"{runtime.world_size}; each rank's random state is re-seeded from (seed, rank, step {step})")
     seed_rank(seed, runtime.rank, step)
-    if runtime.rank != 0 or not world:
+    if not world:
         return {}
-    sums: dict[str, float] = {}
+    sums = dict.fromkeys(sorted({key for state in states for key in state.get("sums", {})}), 0.0)
+    if runtime.rank != 0:
+        return {"sums": sums}
     for state in states:
         for key, value in state.get("sums", {}).items():
-            sums[key] = sums.get(key, 0.0) + value * runtime.world_size / world
+            sums[key] += value * runtime.world_size / world
     return {"sums": sums, "failed": sorted({path for state in states for path in state.get("failed", ())})}
 
 

@@ -367,9 +367,9 @@ def test_a_full_disk_during_step_saves_warns_and_the_run_goes_on(colour_data, tm
         save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", no_space_mid_epoch)
-    assert main(flags(colour_data, tmp_path, "full", "--epochs", "1", "--save_every_steps", "2", evaluate=False)) == 0
+    assert main(flags(colour_data, tmp_path, "full", "--epochs", "1", "--save_every_steps", "3", evaluate=False)) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if "not written (" in line]
-    assert len(warnings) == 3 and all("No space left on device" in w for w in warnings)  # steps 2, 4, 6
+    assert len(warnings) == 2 and all("No space left on device" in w for w in warnings)  # steps 3, 6 (fewer than 3 in a row)
     folder = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
     assert read_checkpoint(folder / "epoch_latest.pt")["step"] == 8

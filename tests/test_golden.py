@@ -19,7 +19,7 @@ from golden.cases import (CHECKPOINT, GOLDEN, INTEGER_FIELDS, describe_parser, e
 STORED = json.loads((GOLDEN / "parser.json").read_text())
 # Flags whose recorded facts changed on purpose since the fixture was written, with the issue that changed them.
 # Every other recorded flag must be as recorded; flags added since are not in the fixture and are allowed.
-CHANGED_FLAGS: dict[str, str] = {"resume_allow_changes": "19"}
+CHANGED_FLAGS: dict[str, str] = {"resume_allow_changes": "19", "keep_checkpoints": "19"}
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 FLAT_KEYS = set(STORED["parse_config"]["demo"])
 CLOCK_FIELDS = ("samples_per_second", "samples_per_second_per_process")
