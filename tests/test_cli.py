@@ -32,7 +32,7 @@ def records(run_dir):
 @pytest.fixture(scope="module")
 def trained(colour_data, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    assert main(flags(colour_data, logs, "trained")) == 0
+    assert main(flags(colour_data, logs, "trained", "--keep_checkpoints", "0")) == 0  # every epoch's checkpoint
     return logs / "trained"
 
 
