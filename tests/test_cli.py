@@ -322,6 +322,28 @@ def test_resume_refuses_changed_settings_naming_each(trained, colour_data, tmp_p
     assert read_checkpoint(folder / "epoch_5.pt")["step"] == 2 * 8 + 3 * 4
 
 
+@pytest.mark.e2e
+def test_a_roll_back_continues_exactly_and_sets_the_abandoned_checkpoints_aside(trained, colour_data, tmp_path):
+    """`--resume checkpoints/epoch_2.pt` in a run that reached epoch 4: epochs 3 and 4 are trained again (to
+    the same weights), and the first continuation's files wait in checkpoints/abandoned/, out of retention's
+    and --resume auto's way."""
+    shutil.copytree(trained, tmp_path / "rolled")
+    folder = tmp_path / "rolled" / "checkpoints"
+    assert main(flags(colour_data, tmp_path, "rolled", "--resume", str(folder / "epoch_2.pt"),
+                      "--keep_checkpoints", "2")) == 0
+    [aside] = (folder / "abandoned").iterdir()
+    assert {"epoch_3.pt", "epoch_4.pt", "epoch_latest.pt"} <= {p.name for p in aside.iterdir()}
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["epoch.best.pt", "epoch_3.pt", "epoch_4.pt",
+                                                           "epoch_latest.pt"]
+    best = read_checkpoint(folder / "epoch.best.pt")
+    assert best["epoch"] in (2, 3, 4) and (best["epoch"] == 2 or (folder / f"epoch_{best['epoch']}.pt").samefile(
+        folder / "epoch.best.pt"))
+    straight = read_checkpoint(trained / "checkpoints" / "epoch_4.pt")["state_dict"]
+    again = read_checkpoint(folder / "epoch_4.pt")["state_dict"]
+    assert all(torch.equal(value, again[key]) for key, value in straight.items())
+    assert [r["epoch"] for r in records(tmp_path / "rolled") if r["split"] == "train"] == [1, 2, 3, 4]
+
+
 def run_folder_with(tmp_path, name, files: dict):
     folder = tmp_path / name / "checkpoints"
     folder.mkdir(parents=True)
