@@ -6,7 +6,9 @@ weights.py, the resume policy in resume.py."""
 from __future__ import annotations
 
 import math
+import os
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,11 +17,19 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .config import CheckpointsConfig, best_metric_key, higher_is_better
-from .files import atomic_alias, atomic_save
+from .errors import CheckpointError
+from .files import atomic_alias, atomic_save, leftover_temporaries
 from .logger import log
 from .rankstate import capture_rng, cpu_group, gather_rank_states
 from .runtime import Runtime
 from .savepoints import SavePoints, save_interval_minutes
+from .weights import read_checkpoint
+
+# Checkpoint writes that may fail in a row (a full disk) before the run stops rather than train on
+# without one: with saves every 30 minutes, at most an hour and a half of training is unsaved.
+MAX_FAILED_WRITES = 3
+# What a checkpoint of this project's training holds that weights of other programs do not.
+TRAINING_KEYS = ("config", "step", "optimizer")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -34,20 +44,21 @@ def latest_path(run_dir: Path) -> Path:
 
 @dataclass
 class BestMetric:
-    """The quantity epoch.best.pt is chosen by (a --best_metric name) and its best value so far."""
+    """The quantity epoch.best.pt is chosen by (a --best_metric name), its best value so far and the epoch
+    that had it. The value moves only when that epoch's checkpoint is on disk (`Checkpointer`)."""
 
     name: str
     value: Optional[float] = None
+    epoch: Optional[int] = None
 
-    def improved_by(self, recorded: dict[str, float]) -> bool:
-        """Take this epoch's recorded numbers; True (and remember the value) when they beat the best."""
+    def beaten_by(self, recorded: dict[str, float]) -> Optional[float]:
+        """This epoch's value of the quantity when it beats the best so far, else None."""
         value = recorded.get(best_metric_key(self.name))
         if value is None or math.isnan(value):
-            return False
-        better = self.value is None or (value > self.value if higher_is_better(self.name) else value < self.value)
-        if better:
-            self.value = value
-        return better
+            return None
+        if self.value is None or (value > self.value if higher_is_better(self.name) else value < self.value):
+            return value
+        return None
 
 
 def host_copy(value: Any) -> Any:
@@ -65,24 +76,30 @@ class BackgroundWriter:
     """Runs one checkpoint write at a time on a thread; a new one waits for the previous one.
 
     A write that fails (a full disk) leaves the previous files intact (atomic_save) and is
-    reported as a warning: the run goes on. The thread is not a daemon, so an interrupted
-    process still finishes the file it is writing before it exits.
+    reported as a warning, and counted: `failures` is the number of writes that failed in a row,
+    `error` the last one's message. The thread is not a daemon, so an interrupted process still
+    finishes the file it is writing before it exits.
     """
 
     def __init__(self) -> None:
         self._thread: Optional[threading.Thread] = None
+        self.failures = 0
+        self.error = ""
 
     def submit(self, write: Callable[[], None], what: str) -> None:
         self.wait()
         self._thread = threading.Thread(target=self._run, args=(write, what), name="checkpoint-writer")
         self._thread.start()
 
-    @staticmethod
-    def _run(write: Callable[[], None], what: str) -> None:
+    def _run(self, write: Callable[[], None], what: str) -> None:
         try:
             write()
         except OSError as e:
-            log.warning(f"{what} not written ({e}); the previous checkpoint is intact and training continues")
+            self.failures += 1
+            self.error = f"{what} not written ({e})"
+            log.warning(f"{self.error}; the previous checkpoint is intact and training continues")
+        else:
+            self.failures = 0
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -105,11 +122,12 @@ class TrainState:
 class Checkpointer:
     """Owns <run>/checkpoints: when to save (SavePoints: every N steps or M minutes, a stop signal) and
     what: epoch_<N>.pt every epoch, epoch_latest.pt (also mid-epoch), and epoch.best.pt by
-    --best_metric; the newest --keep_checkpoints epoch files are kept (all when not given).
+    --best_metric; the newest --keep_checkpoints epoch files are kept (all with 0).
 
     Built on every rank at the same point (it makes the CPU group the ranks agree and gather over);
-    rank 0 writes, in the background. `record` is stored in every checkpoint: the run's name, model
-    name and flat configuration."""
+    rank 0 writes, in the background, and first removes what killed writes left behind. After
+    MAX_FAILED_WRITES failed writes in a row the next save stops the run (CheckpointError).
+    `record` is stored in every checkpoint: the run's name, model name and flat configuration."""
 
     def __init__(self, checkpoints: CheckpointsConfig, run_dir: Path, runtime: Runtime, record: dict) -> None:
         self.dir, self.latest = checkpoints_dir(run_dir), latest_path(run_dir)
@@ -119,6 +137,8 @@ class Checkpointer:
         self.keep = checkpoints.keep_checkpoints
         self.writer = BackgroundWriter()
         self.cpu_group = cpu_group()
+        if self.enabled:
+            remove_leftovers(self.dir)
         self.points = SavePoints(checkpoints.save_every_steps,
                                  save_interval_minutes(checkpoints.save_every_minutes, runtime.device),
                                  runtime.world_size, runtime.is_main, self.cpu_group)
@@ -137,15 +157,20 @@ class Checkpointer:
         self.points.saved()
 
     def write(self, state: dict, recorded: Optional[dict[str, float]] = None) -> None:
-        """Write a checkpoint dict (`training_state`) in the background (rank 0; a no-op elsewhere)."""
+        """Write a checkpoint dict (`training_state`) in the background (rank 0; a no-op elsewhere).
+        CheckpointError when the writes before it failed MAX_FAILED_WRITES times in a row."""
         if not self.enabled:
             return
-        improved = recorded is not None and self.best.improved_by(recorded)
-        state = host_copy(state) | {"best_metric": self.best.name, "best_value": self.best.value}
+        self.writer.wait()  # the best value is that of the checkpoints on disk
+        self._check_written(MAX_FAILED_WRITES, "the run stops rather than train on without checkpoints")
+        value = self.best.beaten_by(recorded) if recorded is not None else None
+        best_value, best_epoch = (self.best.value, self.best.epoch) if value is None else (value, state["epoch"])
+        state = host_copy(state) | {"best_metric": self.best.name, "best_value": best_value, "best_epoch": best_epoch}
         if recorded is None:
             self.writer.submit(partial(atomic_save, state, self.latest), f"step {state['step']} checkpoint")
         else:
-            self.writer.submit(partial(self._write_epoch, state, improved), f"epoch {state['epoch']} checkpoint")
+            self.writer.submit(partial(self._write_epoch, state, value is not None),
+                               f"epoch {state['epoch']} checkpoint")
 
     def _write_epoch(self, state: dict, improved: bool) -> None:
         path = self.dir / f"epoch_{state['epoch']}.pt"
@@ -153,21 +178,70 @@ class Checkpointer:
         atomic_alias(path, self.latest)
         if improved:
             atomic_alias(path, self.dir / "epoch.best.pt")
-        if self.keep is not None:
+            self.best.value, self.best.epoch = state["best_value"], state["best_epoch"]
+        if self.keep:
             for old in epoch_files(self.dir)[:-self.keep]:
                 old.unlink()
 
+    def _check_written(self, limit: int, consequence: str) -> None:
+        failures = self.writer.failures
+        if failures >= limit:
+            what = "the last checkpoint write failed" if failures == 1 else \
+                f"{failures} checkpoint writes in a row failed"
+            raise CheckpointError(f"{what} ({self.writer.error}): {consequence}; free space in {self.dir} (or "
+                                  f"repair its file system), then continue with --resume auto from "
+                                  f"epoch_latest.pt, the last state written")
+
     def wait(self) -> None:
-        """Until the last checkpoint is on disk."""
+        """Until the last checkpoint is on disk (or its write failed)."""
         self.writer.wait()
 
-    def restore(self, obj: dict) -> None:
-        """Pick up the best value so far from a resumed checkpoint (when it was chosen by the same quantity)."""
+    def finish(self) -> None:
+        """Until the last checkpoint is on disk; CheckpointError when it could not be written, so that
+        a run never ends, or stops for a requeue, as though its state were saved."""
+        self.wait()
+        if self.enabled:
+            self._check_written(1, "the run's last state is not saved")
+
+    def restore(self, obj: dict, path: Path) -> None:
+        """Continue from checkpoint `obj`, read from `path`: the best value so far (when chosen by the
+        same quantity), and on rank 0 this run's checkpoints that the resumed state does not lead to
+        set aside (`set_aside_abandoned`)."""
         if obj.get("best_metric") == self.best.name:
-            self.best.value = obj.get("best_value")
+            self.best.value, self.best.epoch = obj.get("best_value"), obj.get("best_epoch")
         elif obj.get("best_metric") is not None:
             log.info(f"the checkpoint's best epoch was chosen by {obj['best_metric']}, this run uses "
                      f"--best_metric {self.best.name}: epoch.best.pt is chosen afresh from now on")
+        if self.enabled:
+            self.set_aside_abandoned(int(obj["epoch"]), Path(path), set(TRAINING_KEYS) <= set(obj))
+
+    def set_aside_abandoned(self, epochs_done: int, resumed: Path, own_format: bool) -> None:
+        """A run resumed from an earlier state (a roll-back: `--resume checkpoints/epoch.best.pt`)
+        abandons what it had written past it: epoch_<N>.pt with N > `epochs_done`, an epoch_latest.pt
+        other than `resumed`, an epoch.best.pt of such an epoch. They move to
+        checkpoints/abandoned/<time>/, so retention counts only this continuation's epochs and
+        `--resume auto` never picks the abandoned state; epoch_latest.pt becomes the resumed state
+        (when it is this project's checkpoint) and epoch.best.pt that of the best epoch so far, if its
+        file is still there."""
+        best = self.dir / "epoch.best.pt"
+        abandoned = [p for p in epoch_files(self.dir) if epoch_number(p) > epochs_done]
+        if self.latest.is_file() and not os.path.samefile(self.latest, resumed):
+            abandoned.append(self.latest)
+        if best.is_file() and int(read_checkpoint(best)["epoch"]) > epochs_done:
+            abandoned.append(best)
+        if not abandoned:
+            return
+        aside = self.dir / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in abandoned:
+            os.replace(path, aside / path.name)
+        if own_format and not self.latest.exists():
+            atomic_alias(resumed, self.latest)
+        best_file = self.dir / f"epoch_{self.best.epoch}.pt"
+        if best in abandoned and self.best.epoch is not None and best_file.is_file():
+            atomic_alias(best_file, best)
+        log.warning(f"resuming after epoch {epochs_done}: {', '.join(p.name for p in abandoned)} belong to the "
+                    f"run's abandoned continuation and were moved to {aside} (delete them when not needed)")
 
 
 def training_state(state: TrainState, *, epoch: int, position: Optional[dict], record: dict,
@@ -190,7 +264,24 @@ def training_state(state: TrainState, *, epoch: int, position: Optional[dict], r
     }
 
 
+def epoch_number(path: Path) -> int:
+    """N of epoch_<N>.pt."""
+    return int(path.stem.split("_")[1])
+
+
 def epoch_files(folder: Path) -> list[Path]:
     """epoch_<N>.pt in `folder`, oldest first."""
-    numbered = [(int(p.stem.split("_")[1]), p) for p in folder.glob("epoch_*.pt") if p.stem.split("_")[1].isdigit()]
-    return [p for _, p in sorted(numbered)]
+    return sorted((p for p in folder.glob("epoch_*.pt") if p.stem.split("_")[1].isdigit()), key=epoch_number)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete the temporary files of writes that a kill interrupted (SIGKILL, a rank ended by Peers):
+    their names hold the writer's pid, so no later write replaces them, and each is as large as a
+    checkpoint."""
+    leftovers = leftover_temporaries(folder)
+    if leftovers:
+        size = sum(p.stat().st_size for p in leftovers)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        log.info(f"removed {len(leftovers)} unfinished checkpoint files ({size / 2**30:.2f} GiB) that interrupted "
+                 f"writes left in {folder}")

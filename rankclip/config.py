@@ -376,19 +376,19 @@ class CheckpointsConfig:
     save_every_minutes: Optional[float] = setting(None, "also write epoch_latest.pt mid-epoch every M minutes "
                                                   "(default 30 on GPUs, off on CPUs; 0 = off)", type=float)
     save_every_steps: int = setting(0, "also write epoch_latest.pt every N optimizer steps (default off)", type=int)
-    keep_checkpoints: Optional[int] = setting(None, "keep only the K newest epoch_<N>.pt (latest and best are "
-                                              "always kept)", type=int)
-    resume_allow_changes: bool = setting(False, "resume although the batch size, epochs, warmup, data or seed "
-                                         "differ from the checkpoint's (logged)", action="store_true")
+    keep_checkpoints: Optional[int] = setting(3, "keep the K newest epoch_<N>.pt (default {default}; 0 = every "
+                                              "epoch's); epoch_latest.pt and epoch.best.pt are always kept",
+                                              type=int)
+    resume_allow_changes: bool = setting(False, "resume although the batch size, epochs, warmup, data, seed or "
+                                         "AdamW settings differ from the checkpoint's (logged; the flags' "
+                                         "values are used)", action="store_true")
     best_metric: str = setting("contrastive_loss", "what epoch.best.pt is chosen by: a validation quantity "
                                "(default contrastive_loss) or eval/<set>/<key>, retrieval/<file>/<key> "
                                "(e.g. eval/ImageNet1K/zeroshot_top1)", type=str)
 
     def check(self) -> None:
         _check_file("checkpoint", self.checkpoint)
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ConfigError(f"--keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
-        _check_signs(self, non_negative=("save_every_minutes", "save_every_steps"))
+        _check_signs(self, non_negative=("save_every_minutes", "save_every_steps", "keep_checkpoints"))
         higher_is_better(self.best_metric)
 
 

@@ -19,6 +19,11 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def leftover_temporaries(folder: Path) -> list[Path]:
+    """The temporary files in `folder` of writes that never finished (a killed process skips the cleanup)."""
+    return sorted(folder.glob(".*.tmp[0-9]*"))
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename inside `folder` durable (the new name lives in the folder's own data)."""
     fd = os.open(folder, os.O_RDONLY)

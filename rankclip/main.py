@@ -26,12 +26,11 @@ from .models import ModelBundle, build_model, describe_parameters
 from .optim import build_optimizer
 from .precision import build_scaler
 from .rankstate import seed_rank
-from .resume import (ResumePoint, check_resumed_config, check_run_folder, find_resume, read_resume_checkpoint,
-                     restore_training)
+from .resume import ResumePoint, check_run_folder, find_resume, resume_training
 from .runtime import Runtime
 from .savepoints import EXIT_PREEMPTED, Preempted
 from .train import CosineSchedule, Schedules, Trainer
-from .weights import load_model_weights, load_weights
+from .weights import load_model_weights
 
 
 def build_evaluator(cfg: Config, runtime: Runtime, bundle: ModelBundle, logger: RunLogger) -> Evaluator:
@@ -90,10 +89,8 @@ def run(cfg: Config, runtime: Runtime) -> None:
     seed_rank(cfg.run.seed, runtime.rank)  # weights are built (and broadcast by DDP): now each rank's own stream
     resume = ResumePoint(epoch=1, step=0)
     if resume_from is not None:
-        obj = read_resume_checkpoint(resume_from, run_dir)
-        check_resumed_config(obj, resume_from, record["config"], runtime.world_size)
-        load_weights(bundle.model, obj, resume_from)
-        resume = restore_training(obj, state, checkpointer, data.steps, runtime, cfg.run.seed)
+        resume = resume_training(resume_from, run_dir, state, checkpointer, record["config"], data.steps, runtime,
+                                 cfg.run.seed)
         within = f" after step {resume.steps_done} of {data.steps}" if resume.steps_done else ""
         log.info(f"resumed from {resume_from} at epoch {resume.epoch}{within}, step {resume.step}")
         logger.rewind(resume.epoch - 1, resume.step)  # a stopped run may have recorded past its checkpoint

@@ -166,7 +166,7 @@ def checkpoint_model(model: ModelConfig, checkpoints: CheckpointsConfig, run_dir
     path = find_resume(checkpoints, run_dir, training=True)
     if path is None:
         return model
-    return model_of_checkpoint(read_resume_checkpoint(path, run_dir, mmap=True), path, model, given)
+    return model_of_checkpoint(read_resume_checkpoint(path, run_dir), path, model, given)
 
 
 def model_of_checkpoint(obj: dict, path: Path, model: ModelConfig, given: bool) -> ModelConfig:

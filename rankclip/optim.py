@@ -45,18 +45,31 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True)
 
 
-IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+# The group settings a run's flags set (the lr follows the schedule at every step).
+FLAG_KEYS = ("weight_decay", "betas", "eps")
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """`optimizer.load_state_dict(state)`, keeping `optimizer`'s own implementation (fused, ...):
-    torch takes every group setting from the saved groups, and states written by the original
-    code or by unfused runs would turn the fused kernel off."""
-    own = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> list[str]:
+    """The moments of `state` (an optimizer state_dict mapped onto `optimizer`'s groups) loaded into
+    `optimizer`, whose group settings all stay its own: torch's load_state_dict would take weight
+    decay, betas, eps, and fused from the saved groups, so a resumed run would train with the
+    checkpoint's values while its flags and params.txt show others (and the original code's unfused
+    states would turn the fused kernel off). Returns the flag settings that differ from the saved ones,
+    as 'weight_decay 0.1 -> 0.5'.
+
+    CPU moments are made to own their memory: the checkpoint is memory-mapped (weights.read_checkpoint),
+    and torch keeps a CPU tensor of the right dtype as it is, a view of the file for the whole run."""
     groups = state["param_groups"]
-    if len(groups) == len(own):
-        groups = [dict(saved, **mine) for saved, mine in zip(groups, own)]
+    changed = [f"{key} {saved[key]} -> {mine[key]}" for key in FLAG_KEYS
+               for saved, mine in zip(groups, optimizer.param_groups) if key in saved and saved[key] != mine[key]]
+    if len(groups) == len(optimizer.param_groups):
+        groups = [dict(mine, params=saved["params"]) for saved, mine in zip(groups, optimizer.param_groups)]
     optimizer.load_state_dict(dict(state, param_groups=groups))
+    for moments in optimizer.state.values():
+        for key, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                moments[key] = value.clone()
+    return list(dict.fromkeys(changed))
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -27,10 +27,13 @@ from .files import atomic_write_text
 from .plot import finish_panel, new_figure, read_jsonl, run_curves, save_png
 from .weights import read_checkpoint
 
-# Settings that say how or where a run ran (or are derived from others), not what it computes.
+# Settings that say how or where a run ran (or are derived from others), not what it computes:
+# among them how it saved, logged and resumed, which a requeued run may change.
 EXECUTION_SETTINGS = frozenset({
     "name", "logs", "config", "resume", "demo", "num_workers", "device", "device_id", "device_ids", "distributed",
     "distributed_backend", "distributed_init_method", "wandb", "notes",
+    "save_every_minutes", "save_every_steps", "keep_checkpoints", "log_every_n_steps", "best_metric",
+    "resume_allow_changes",
 })
 # Runs that differ in one of these did not learn from, or were not measured on, the same thing.
 MIXED_SETTINGS = ("train_data", "dataset_type", "train_num_samples", "validation_data", "delimiter", "image_key",
@@ -133,8 +136,10 @@ def load_run(path: Path, at: str) -> Run:
     if at == "best":
         best = path / "checkpoints" / "epoch.best.pt"
         if not best.is_file():
-            raise ReportError(f"no {best.relative_to(path)} (only written with --validation_data)")
-        epoch = int(read_checkpoint(best)["epoch"])
+            metric = settings.get("best_metric", "contrastive_loss")
+            raise ReportError(f"no {best.relative_to(path)} (written at each epoch that improves --best_metric "
+                              f"{metric}; this run recorded no such epoch)")
+        epoch = int(read_checkpoint(best)["epoch"])  # memory-mapped: no tensor is read
         if epoch not in epochs_logged:
             raise ReportError(f"results.jsonl has no records for epoch {epoch}, the epoch of epoch.best.pt")
     return Run(path, settings, records, epoch)

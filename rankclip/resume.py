@@ -9,21 +9,22 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import Checkpointer, TrainState, checkpoints_dir, epoch_files, latest_path
+from .checkpoint import TRAINING_KEYS, Checkpointer, TrainState, checkpoints_dir, epoch_files, latest_path
 from .config import CheckpointsConfig, default_value
 from .errors import ConfigError, CheckpointError
 from .logger import log
 from .optim import load_optimizer_state, state_by_name
 from .rankstate import restore_rng, saved_rank_states, seed_rank
 from .runtime import Runtime
-from .weights import extract_state_dict, read_checkpoint
+from .weights import extract_state_dict, load_weights, read_checkpoint
 
 
-# What places a run's schedule and data, and which weights train: a resumed run must keep them (or say
-# --resume_allow_changes).
+# What places a run's schedule and data, which weights train, and the AdamW settings the optimizer's groups
+# hold: a resumed run must keep them (or say --resume_allow_changes; the optimizer then takes the flags' values).
 RESUME_KEYS = ("model_name", "train_data", "dataset_type", "train_num_samples", "batch_size", "accum_freq",
-               "epochs", "num_warmup_steps", "seed", "lock_image", "lock_image_unlocked_groups",
-               "lock_image_freeze_bn_stats", "lock_text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm")
+               "epochs", "num_warmup_steps", "seed", "beta1", "beta2", "eps", "weight_decay", "lock_image",
+               "lock_image_unlocked_groups", "lock_image_freeze_bn_stats", "lock_text", "lock_text_unlocked_layers",
+               "lock_text_freeze_layer_norm")
 
 
 # Of those, the ones that place the data inside an epoch: a mid-epoch position means nothing under others.
@@ -95,18 +96,18 @@ def check_run_folder(run_dir: Path, *, training: bool, resume: Optional[str], re
         raise ConfigError(f"{run_dir} already holds a run's results; choose another --name for this evaluation")
 
 
-def read_resume_checkpoint(path: Path, run_dir: Path, mmap: bool = False) -> dict:
-    """Read the checkpoint to continue (`mmap`: see read_checkpoint); when this run's own epoch_latest.pt is
+def read_resume_checkpoint(path: Path, run_dir: Path) -> dict:
+    """Read the checkpoint to continue (memory-mapped: see read_checkpoint); when this run's own epoch_latest.pt is
     truncated or foreign (another program's), one line points at the epoch checkpoint to fall back on. A
     checkpoint of another run is refused by check_resumed_config, naming the differences."""
     own_latest = path == latest_path(run_dir)
     try:
-        obj = read_checkpoint(path, mmap)
+        obj = read_checkpoint(path)
     except CheckpointError as e:
         if not own_latest:
             raise
         raise CheckpointError(f"{e}; {_fallback(path.parent)}") from e
-    if own_latest and not {"config", "step", "optimizer"} <= set(obj):
+    if own_latest and not set(TRAINING_KEYS) <= set(obj):
         raise CheckpointError(f"{path} is not a training checkpoint of this project (it has no config, step or "
                           f"optimizer); {_fallback(path.parent)}")
     return obj
@@ -133,10 +134,24 @@ class ResumePoint:
     failed: tuple = ()
 
 
-def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, steps_per_epoch: int,
+def resume_training(path: Path, run_dir: Path, state: TrainState, checkpointer: Checkpointer, settings: dict,
+                    steps_per_epoch: int, runtime: Runtime, seed: int) -> ResumePoint:
+    """Continue run `run_dir` (flat `settings`) from checkpoint `path`: read it, refuse what cannot be
+    continued, load its weights into `state.model` and restore the rest (`restore_training`).
+
+    The checkpoint dict lives only inside this call: once its tensors are copied into the model and
+    the optimizer (on their device) it is released, and with it the memory-mapped file. Only the
+    small ResumePoint, this rank's share, stays."""
+    obj = read_resume_checkpoint(path, run_dir)
+    check_resumed_config(obj, path, settings, runtime.world_size)
+    load_weights(state.model, obj, path)
+    return restore_training(obj, path, state, checkpointer, steps_per_epoch, runtime, seed)
+
+
+def restore_training(obj: dict, path: Path, state: TrainState, checkpointer: Checkpointer, steps_per_epoch: int,
                      runtime: Runtime, seed: int) -> ResumePoint:
-    """Optimizer, scaler, step count, this rank's RNG and epoch progress, and the best value from a
-    checkpoint whose weights are already loaded into `state.model`.
+    """Optimizer, scaler, step count, this rank's RNG and epoch progress, and the best value from
+    checkpoint `obj` (read from `path`) whose weights are already loaded into `state.model`.
 
     Checkpoints of the original code/CyCLIP carry no step or RNG state: the step is then derived from
     the epoch, and each rank is seeded from (seed, rank, step).
@@ -147,7 +162,7 @@ def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, s
         restore_optimizer(obj, state.model, state.optimizer)
     if state.scaler is not None and obj.get("scaler"):
         state.scaler.load_state_dict(obj["scaler"])
-    checkpointer.restore(obj)
+    checkpointer.restore(obj, path)
     epoch = int(obj["epoch"])
     step = int(obj.get("step", epoch * steps_per_epoch))
     state.step = step
@@ -162,7 +177,9 @@ def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, s
 def restore_rank_state(obj: dict, runtime: Runtime, seed: int, step: int) -> dict:
     """This rank's own entry of the checkpoint, its generators restored. When the number of
     processes changed: a deterministic re-seed, and rank 0 takes over the partial epoch's sums
-    (scaled so that their mean over the new ranks is the old mean) and unreadable images."""
+    (scaled so that their mean over the new ranks is the old mean) and unreadable images; the
+    other ranks hold the same sums at 0, since every rank adds up the same keys at the epoch's end
+    (which may come at once: a checkpoint written at an epoch's last step)."""
     world, states = saved_rank_states(obj)
     if world == runtime.world_size:
         restore_rng(states[runtime.rank]["rng"], runtime.device, runtime.rank)
@@ -171,25 +188,32 @@ def restore_rank_state(obj: dict, runtime: Runtime, seed: int, step: int) -> dic
         log.info(f"world size changed: the checkpoint was written by {world} processes, this run has "
                  f"{runtime.world_size}; each rank's random state is re-seeded from (seed, rank, step {step})")
     seed_rank(seed, runtime.rank, step)
-    if runtime.rank != 0 or not world:
+    if not world:
         return {}
-    sums: dict[str, float] = {}
+    sums = dict.fromkeys(sorted({key for state in states for key in state.get("sums", {})}), 0.0)
+    if runtime.rank != 0:
+        return {"sums": sums}
     for state in states:
         for key, value in state.get("sums", {}).items():
-            sums[key] = sums.get(key, 0.0) + value * runtime.world_size / world
+            sums[key] += value * runtime.world_size / world
     return {"sums": sums, "failed": sorted({path for state in states for path in state.get("failed", ())})}
 
 
 def restore_optimizer(obj: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The checkpoint's optimizer state, matched to `optimizer`'s parameters by name (see optim.py);
-    if it does not map completely, the optimizer starts fresh and one warning says why."""
+    """The checkpoint's optimizer state, matched to `optimizer`'s parameters by name (see optim.py), under
+    this run's AdamW settings (a difference is logged); if it does not map completely, the optimizer
+    starts fresh and one warning says why."""
     saved_order = list(extract_state_dict(obj))
     mapped, reason = state_by_name(obj["optimizer"], saved_order, model)
     if mapped is not None:
         try:
-            load_optimizer_state(optimizer, mapped)
-            return
+            changed = load_optimizer_state(optimizer, mapped)
         except (ValueError, KeyError, TypeError) as e:
             reason = str(e)
+        else:
+            if changed:
+                log.info(f"the checkpoint's optimizer had other AdamW settings: {', '.join(changed)} "
+                         f"(this run trains with its flags' values, as params.txt shows)")
+            return
     log.warning(f"the checkpoint's optimizer state does not fit this model ({reason}): "
                 f"training continues with a fresh optimizer (Adam moments start from zero)")

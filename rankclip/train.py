@@ -137,8 +137,9 @@ class Trainer:
                 self.checkpointer.save(self.state, epoch, position=None, recorded=recorded)
                 if points.at_step(self.state.step, may_save=False)[1]:
                     raise Preempted(points.stop_reason())
+            self.checkpointer.finish()  # the final checkpoint is on disk, or the run fails saying so
         except Preempted:
-            self.checkpointer.wait()
+            self.checkpointer.finish()  # a stop is reported as saved (exit 75) only when it was
             self.runtime.barrier()  # no rank exits before the checkpoint is on disk (srun --kill-on-bad-exit)
             points.ignore()  # the run ends now, with its exit code, whatever else arrives
             raise

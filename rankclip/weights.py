@@ -27,9 +27,11 @@ PREFIXES = ("module.", "_orig_mod.", "model.")
 PICKLED_CODE = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """Load a checkpoint file safely (no pickled code) onto the CPU: torch files or safetensors. With `mmap`
-    a torch file's tensors stay in the file until they are read (a look at its record costs no memory)."""
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file safely (no pickled code) onto the CPU: torch files or safetensors.
+
+    Torch files are memory-mapped: reading one entry (its "epoch") reads no tensor, the processes of
+    a machine share the file's pages, and a tensor's bytes are read when it is first used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -42,7 +44,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
         raise CheckpointError(f"checkpoint {path}: a TorchScript archive (such as OpenAI's original release), which "
                           f"holds code; load it once with open_clip.load_openai_model and save its state_dict()")
     try:
-        obj = _load_weights_only(path, mmap)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         code = PICKLED_CODE.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if code:
@@ -53,15 +55,6 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
-
-
-def _load_weights_only(path: Path, mmap: bool) -> object:
-    if mmap:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files of torch's legacy (non-zip) format cannot be mapped: read them whole
-            pass
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _first_sentence(error: Exception) -> str:

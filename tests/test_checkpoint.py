@@ -87,7 +87,7 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path):
     torch.save({"state_dict": linear_weights()}, path)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError) as error:
-        read_checkpoint(path, mmap=True)
+        read_checkpoint(path)
     assert str(error.value) == (f"checkpoint {path}: damaged or not a torch file (PytorchStreamReader failed reading "
                                 f"zip archive: failed finding central directory.)")
 
@@ -172,14 +172,15 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_warns(tmp_path, monkeypat
 
 
 def test_best_metric_knows_which_way_is_better():
-    accuracy = BestMetric("eval/ImageNet1K/zeroshot_top1")
-    assert accuracy.improved_by({"eval/ImageNet1K/zeroshot_top1": 0.2})
-    assert not accuracy.improved_by({"eval/ImageNet1K/zeroshot_top1": 0.1})
-    assert accuracy.improved_by({"eval/ImageNet1K/zeroshot_top1": 0.3}) and accuracy.value == 0.3
+    accuracy = BestMetric("eval/ImageNet1K/zeroshot_top1", value=0.2)
+    assert accuracy.beaten_by({"eval/ImageNet1K/zeroshot_top1": 0.3}) == 0.3
+    assert accuracy.beaten_by({"eval/ImageNet1K/zeroshot_top1": 0.1}) is None
+    assert accuracy.value == 0.2  # it moves only when the best checkpoint is written
     loss = BestMetric("contrastive_loss")
-    assert loss.improved_by({"validation/contrastive_loss": 2.0})
-    assert not loss.improved_by({"validation/contrastive_loss": 2.5, "validation/loss": 0.1})
-    assert not loss.improved_by({})  # nothing recorded (e.g. on other ranks)
+    assert loss.beaten_by({"validation/contrastive_loss": 2.0}) == 2.0
+    loss.value = 2.0
+    assert loss.beaten_by({"validation/contrastive_loss": 2.5, "validation/loss": 0.1}) is None
+    assert loss.beaten_by({}) is None  # nothing recorded (e.g. on other ranks)
 
 
 def mid_epoch_checkpoint(**config) -> dict:
@@ -201,3 +202,169 @@ def test_a_mid_epoch_position_is_kept_only_where_it_stays_exact(tmp_path):
     csv = Config.from_dict(dict(name="run", train_data="train.csv", dataset_type="csv", resume_allow_changes=True))
     csv_checkpoint = dict(mid_epoch_checkpoint(), config=csv.to_dict() | {"epochs": 10})
     check_resumed_config(csv_checkpoint, path, csv.to_dict(), world_size=1)  # CSV: any world size; the epochs may change
+
+
+def write_epochs(checkpointer: Checkpointer, model: torch.nn.Module, losses: dict[int, float]) -> None:
+    for epoch, loss in losses.items():
+        checkpointer.write(checkpoint_state(epoch, model), recorded={"validation/contrastive_loss": loss})
+    checkpointer.wait()
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+def test_a_roll_back_sets_the_abandoned_epochs_aside_and_retention_keeps_the_new_ones(tmp_path):
+    """Epochs 1-7 with --keep_checkpoints 3 (kept 5, 6, 7; best 3), then `--resume checkpoints/epoch.best.pt`:
+    the re-trained epoch 4 is kept, the abandoned 5-7 (and the old latest) are moved aside."""
+    setup_console_logging(0)
+    model, folder = torch.nn.Linear(2, 2), tmp_path / "checkpoints"
+    write_epochs(checkpointer_in(tmp_path, keep_checkpoints=3), model, {1: 5.0, 2: 4.0, 3: 1.0, 4: 3.0, 5: 2.0,
+                                                                        6: 2.5, 7: 3.0})
+    assert names(folder) == ["epoch.best.pt", "epoch_5.pt", "epoch_6.pt", "epoch_7.pt", "epoch_latest.pt"]
+    resumed = checkpointer_in(tmp_path, keep_checkpoints=3)
+    resumed.restore(read_checkpoint(folder / "epoch.best.pt"), folder / "epoch.best.pt")
+    assert names(folder) == ["epoch.best.pt", "epoch_latest.pt"]  # latest is the resumed state until the next save
+    assert read_checkpoint(folder / "epoch_latest.pt")["epoch"] == 3
+    [aside] = (folder / "abandoned").iterdir()
+    assert names(aside) == ["epoch_5.pt", "epoch_6.pt", "epoch_7.pt", "epoch_latest.pt"]
+    write_epochs(resumed, model, {4: 1.5})
+    assert names(folder) == ["epoch.best.pt", "epoch_4.pt", "epoch_latest.pt"]
+    assert read_checkpoint(folder / "epoch.best.pt")["epoch"] == 3 and resumed.best.value == 1.0
+
+
+def test_after_a_roll_back_best_never_points_at_an_abandoned_epoch(tmp_path):
+    model, folder = torch.nn.Linear(2, 2), tmp_path / "checkpoints"
+    write_epochs(checkpointer_in(tmp_path, keep_checkpoints=3), model, {1: 5.0, 2: 4.0, 3: 3.0, 4: 3.5, 5: 2.0,
+                                                                        6: 1.0, 7: 3.0})
+    resumed = checkpointer_in(tmp_path, keep_checkpoints=3)
+    resumed.restore(read_checkpoint(folder / "epoch_5.pt"), folder / "epoch_5.pt")
+    assert names(folder) == ["epoch.best.pt", "epoch_5.pt", "epoch_latest.pt"]
+    assert read_checkpoint(folder / "epoch.best.pt")["epoch"] == 5 and resumed.best.value == 2.0
+    write_epochs(resumed, model, {6: 2.5})
+    assert read_checkpoint(folder / "epoch.best.pt")["epoch"] == 5
+
+
+def fail_saves(monkeypatch) -> None:
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+
+
+def test_the_best_value_advances_only_with_a_written_best_checkpoint(tmp_path, monkeypatch):
+    setup_console_logging(0)
+    model, checkpointer = torch.nn.Linear(2, 2), checkpointer_in(tmp_path)
+    write_epochs(checkpointer, model, {1: 2.0})
+    with monkeypatch.context() as patch:
+        fail_saves(patch)
+        write_epochs(checkpointer, model, {2: 1.0})  # the best so far, but not on disk
+    assert checkpointer.best.value == 2.0
+    write_epochs(checkpointer, model, {3: 1.5})
+    best = read_checkpoint(tmp_path / "checkpoints" / "epoch.best.pt")
+    assert (best["epoch"], best["best_value"], checkpointer.best.value) == (3, 1.5, 1.5)
+
+
+def test_failed_writes_in_a_row_stop_the_run_with_one_clear_line(tmp_path, monkeypatch):
+    setup_console_logging(0)
+    model, checkpointer = torch.nn.Linear(2, 2), checkpointer_in(tmp_path)
+    fail_saves(monkeypatch)
+    for step in (1, 2, 3):
+        checkpointer.write(checkpoint_state(0, model, position={"epoch": 1, "steps_done": step, "seen": 32 * step}))
+    with pytest.raises(CheckpointError, match=r"3 checkpoint writes in a row failed .*No space left on device.*"
+                                              r"--resume auto"):
+        checkpointer.write(checkpoint_state(0, model, position={"epoch": 1, "steps_done": 4, "seen": 128}))
+
+
+def test_a_run_never_ends_as_saved_when_its_last_write_failed(tmp_path, monkeypatch):
+    setup_console_logging(0)
+    model, checkpointer = torch.nn.Linear(2, 2), checkpointer_in(tmp_path)
+    write_epochs(checkpointer, model, {1: 2.0})
+    checkpointer.finish()  # written: fine
+    fail_saves(monkeypatch)
+    checkpointer.write(checkpoint_state(1, model, position={"epoch": 2, "steps_done": 1, "seen": 32}))
+    with pytest.raises(CheckpointError, match="step 10 checkpoint not written .*No space left on device"):
+        checkpointer.finish()
+
+
+def test_a_stop_whose_save_failed_does_not_exit_as_saved(colour_data, tmp_path, monkeypatch, capsys):
+    """SIGUSR1, then the stop's checkpoint cannot be written: no 'after saving a checkpoint', no exit 75."""
+    import os
+    import signal
+
+    from rankclip.main import main
+    from rankclip.train import Trainer
+
+    fail_saves(monkeypatch)
+    forward_backward = Trainer.forward_backward
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return forward_backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "forward_backward", signalled)
+    argv = ["--train_data", str(colour_data["train"]), "--model_name", "tiny-vit", "--logs", str(tmp_path),
+            "--name", "full", "--num_workers", "0", "--batch_size", "64", "--epochs", "1", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "after saving a checkpoint" not in err and "rankclip: error: " in err and "not written" in err, err
+
+
+def test_leftovers_of_killed_writes_are_removed_at_the_next_start(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    leftovers = [folder / ".epoch_latest.pt.tmp4242", folder / ".epoch_3.pt.tmp17"]
+    for path in leftovers + [folder / "epoch_2.pt"]:
+        path.write_bytes(b"x")
+    Checkpointer(CheckpointsConfig(), tmp_path, Runtime(rank=1, world_size=2), record={})
+    assert all(path.exists() for path in leftovers)  # only rank 0 touches the folder
+    checkpointer_in(tmp_path)
+    assert names(folder) == ["epoch_2.pt"]
+
+
+def test_default_retention_keeps_the_three_newest_epochs_and_zero_keeps_all(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    write_epochs(checkpointer_in(tmp_path / "default"), model, {e: 1.0 / e for e in range(1, 6)})
+    assert names(tmp_path / "default" / "checkpoints") == [
+        "epoch.best.pt", "epoch_3.pt", "epoch_4.pt", "epoch_5.pt", "epoch_latest.pt"]
+    write_epochs(checkpointer_in(tmp_path / "all", keep_checkpoints=0), model, {e: 1.0 / e for e in range(1, 6)})
+    assert len(names(tmp_path / "all" / "checkpoints")) == 7
+
+
+def test_the_resumed_checkpoint_is_released_before_training(colour_data, tmp_path, monkeypatch):
+    """Every tensor of the checkpoint dict a run resumed from (weights, Adam moments, each rank's RNG
+    state) is freed once restored: only what was copied into the model and optimizer stays."""
+    import gc
+    import weakref
+
+    import rankclip.resume
+    from rankclip.main import main
+    from rankclip.train import Trainer
+
+    argv = ["--train_data", str(colour_data["train"]), "--model_name", "tiny-vit", "--logs", str(tmp_path),
+            "--name", "run", "--num_workers", "0", "--batch_size", "64", "--epochs", "1", "--device", "cpu"]
+    assert main(argv) == 0
+    loaded, alive_in_fit = [], []
+
+    def read_and_watch(path):
+        obj = read_checkpoint(path)
+        stack = [obj]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, torch.Tensor):
+                loaded.append(weakref.ref(value))
+            elif isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                stack.extend(value)
+        return obj
+
+    def fit(self, resume):
+        gc.collect()
+        alive_in_fit.append(sum(ref() is not None for ref in loaded))
+
+    monkeypatch.setattr(rankclip.resume, "read_checkpoint", read_and_watch)
+    monkeypatch.setattr(Trainer, "fit", fit)
+    assert main(argv + ["--resume", "latest"]) == 0
+    assert len(loaded) > 50 and alive_in_fit == [0]

@@ -32,7 +32,7 @@ def records(run_dir):
 @pytest.fixture(scope="module")
 def trained(colour_data, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    assert main(flags(colour_data, logs, "trained")) == 0
+    assert main(flags(colour_data, logs, "trained", "--keep_checkpoints", "0")) == 0  # every epoch's checkpoint
     return logs / "trained"
 
 
@@ -323,6 +323,28 @@ def test_resume_refuses_changed_settings_naming_each(trained, colour_data, tmp_p
     assert read_checkpoint(folder / "epoch_5.pt")["step"] == 2 * 8 + 3 * 4
 
 
+@pytest.mark.e2e
+def test_a_roll_back_continues_exactly_and_sets_the_abandoned_checkpoints_aside(trained, colour_data, tmp_path):
+    """`--resume checkpoints/epoch_2.pt` in a run that reached epoch 4: epochs 3 and 4 are trained again (to
+    the same weights), and the first continuation's files wait in checkpoints/abandoned/, out of retention's
+    and --resume auto's way."""
+    shutil.copytree(trained, tmp_path / "rolled")
+    folder = tmp_path / "rolled" / "checkpoints"
+    assert main(flags(colour_data, tmp_path, "rolled", "--resume", str(folder / "epoch_2.pt"),
+                      "--keep_checkpoints", "2")) == 0
+    [aside] = (folder / "abandoned").iterdir()
+    assert {"epoch_3.pt", "epoch_4.pt", "epoch_latest.pt"} <= {p.name for p in aside.iterdir()}
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["epoch.best.pt", "epoch_3.pt", "epoch_4.pt",
+                                                           "epoch_latest.pt"]
+    best = read_checkpoint(folder / "epoch.best.pt")
+    assert best["epoch"] in (2, 3, 4) and (best["epoch"] == 2 or (folder / f"epoch_{best['epoch']}.pt").samefile(
+        folder / "epoch.best.pt"))
+    straight = read_checkpoint(trained / "checkpoints" / "epoch_4.pt")["state_dict"]
+    again = read_checkpoint(folder / "epoch_4.pt")["state_dict"]
+    assert all(torch.equal(value, again[key]) for key, value in straight.items())
+    assert [r["epoch"] for r in records(tmp_path / "rolled") if r["split"] == "train"] == [1, 2, 3, 4]
+
+
 def run_folder_with(tmp_path, name, files: dict):
     folder = tmp_path / name / "checkpoints"
     folder.mkdir(parents=True)
@@ -368,9 +390,9 @@ def test_a_full_disk_during_step_saves_warns_and_the_run_goes_on(colour_data, tm
         save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", no_space_mid_epoch)
-    assert main(flags(colour_data, tmp_path, "full", "--epochs", "1", "--save_every_steps", "2", evaluate=False)) == 0
+    assert main(flags(colour_data, tmp_path, "full", "--epochs", "1", "--save_every_steps", "3", evaluate=False)) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if "not written (" in line]
-    assert len(warnings) == 3 and all("No space left on device" in w for w in warnings)  # steps 2, 4, 6
+    assert len(warnings) == 2 and all("No space left on device" in w for w in warnings)  # steps 3, 6 (fewer than 3 in a row)
     folder = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
     assert read_checkpoint(folder / "epoch_latest.pt")["step"] == 8

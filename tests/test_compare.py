@@ -222,3 +222,14 @@ def test_tiny_study_end_to_end(colour_data, tmp_path, capsys):
     assert {c: (study / c / "results.jsonl").stat().st_mtime_ns for c in cells[:3]} == untouched
     assert {split: final(cells[3], split) for split in before} == before  # the resumed run is the same run
     assert "resumed from" in (killed / "output.log").read_text()
+
+
+def test_a_started_cell_may_have_saved_and_logged_otherwise(colour_data, tmp_path):
+    """Requeuing a study with another save interval, retention or log interval continues its cells."""
+    study = parse_study(study_flags(colour_data, tmp_path, "seed=0"))
+    study.cells[0].run_dir.mkdir(parents=True)
+    stored = {k: str(v) for k, v in study.cells[0].config.to_dict().items()} | {
+        "save_every_minutes": "10.0", "save_every_steps": "50", "keep_checkpoints": "1", "log_every_n_steps": "3",
+        "best_metric": "eval/ImageNet1K/zeroshot_top1", "resume_allow_changes": "True"}
+    (study.cells[0].run_dir / "params.txt").write_text("".join(f"{k}: {v}\n" for k, v in stored.items()))
+    parse_study(study_flags(colour_data, tmp_path, "seed=0"))

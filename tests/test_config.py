@@ -139,7 +139,9 @@ def test_resume_of_this_run_needs_its_name(colour_data, mode):
 def test_step_checkpoint_flags(colour_data):
     cfg = parse_config(["--train_data", str(colour_data["train"]), "--save_every_steps", "5", "--keep_checkpoints", "2"])
     assert (cfg.checkpoints.save_every_steps, cfg.checkpoints.keep_checkpoints, cfg.checkpoints.save_every_minutes) == (5, 2, None)
-    with pytest.raises(ConfigError, match="--keep_checkpoints must be at least 1"):
-        parse_config(["--train_data", str(colour_data["train"]), "--keep_checkpoints", "0"])
+    assert parse_config(["--train_data", str(colour_data["train"])]).checkpoints.keep_checkpoints == 3
+    assert parse_config(["--train_data", str(colour_data["train"]), "--keep_checkpoints", "0"]).checkpoints.keep_checkpoints == 0
+    with pytest.raises(ConfigError, match="--keep_checkpoints must not be negative"):
+        parse_config(["--train_data", str(colour_data["train"]), "--keep_checkpoints", "-1"])
     with pytest.raises(ConfigError, match="--save_every_minutes must not be negative"):
         parse_config(["--train_data", str(colour_data["train"]), "--save_every_minutes", "-1"])

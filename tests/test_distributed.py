@@ -96,6 +96,28 @@ def test_resume_of_a_two_process_run(runs, colour_data):
     assert relative_difference(straight, resumed) <= 1e-6
 
 
+def test_a_checkpoint_from_an_epochs_last_step_resumes_on_another_world_size(runs, colour_data):
+    """A stop at an epoch's last step saves steps_done = all of them; resumed on 2 processes from 1, no
+    step is left and only rank 0 holds the epoch's sums: every rank must still sum the same keys."""
+    logs, _ = runs
+    checkpoint = read_checkpoint(logs / "one" / "checkpoints" / "epoch_1.pt")
+    sums = {"loss": 2.0, "contrastive_loss": 1.5, "rank_loss": 8.0, "inmodal_rank_loss": 4.0,
+            "crossmodal_rank_loss": 4.0}
+    checkpoint.update(step=16, position={"epoch": 2, "steps_done": 8, "seen": 256},
+                      ranks=[dict(checkpoint["ranks"][0], sums={k: 256 * v for k, v in sums.items()})])
+    folder = logs / "last_step" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(checkpoint, folder / "epoch_latest.pt")
+    extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
+             "constant", "--epochs", "2", "--lr", "5e-5", "--resume", "latest"]
+    result = run(command(colour_data, logs, "last_step", 2, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [json.loads(line) for line in (logs / "last_step" / "results.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert [r["epoch"] for r in train] == [2] and train[0]["step"] == 16
+    assert {k: train[0][k] for k in sums} == pytest.approx(sums)
+
+
 def test_two_processes_with_gradient_caching_take_the_large_batch_steps(runs, colour_data):
     """2 processes x 2 micro-batches of global batch 16 (DDP no_sync, gathers of cached features) = 1 x 32."""
     logs, _ = runs

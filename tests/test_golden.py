@@ -25,6 +25,8 @@ CHANGED_FLAGS: dict[str, str] = {
     "eval_data_type": "#21", "eval_test_data_dir": "#21", "retrieval_data": "#21",  # clip_benchmark folders
     "model_name": "#21",  # help: JSON paths, model folders, the checkpoint's model by default
     "num_workers": "#21",  # default: the CPUs this process may use, shared among the node's processes
+    "resume_allow_changes": "#19",  # help: the AdamW settings are resume keys too
+    "keep_checkpoints": "#19",  # default 3 (0 keeps every epoch)
 }
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 FLAT_KEYS = set(STORED["parse_config"]["demo"])

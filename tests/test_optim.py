@@ -5,6 +5,7 @@ import re
 from collections import OrderedDict
 
 import open_clip
+import pytest
 import torch
 
 import rankclip.models  # noqa: F401  (registers configs/ with open_clip)
@@ -140,3 +141,33 @@ def test_the_optimizer_is_fused_and_stays_fused_after_loading_an_unfused_state()
     plain.step()
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resumed_optimizer_trains_with_this_runs_adamw_settings(capsys):
+    """torch's load_state_dict takes weight decay, betas and eps from the saved groups; the run's flags
+    (what params.txt shows) must win, and the difference is said."""
+    from rankclip.logger import setup_console_logging
+
+    setup_console_logging(0)
+    model = tiny_vit()
+    saved = build_optimizer(model, OptimConfig(weight_decay=0.1, beta1=0.9, beta2=0.999, eps=1e-8))
+    checkpoint = {"state_dict": model.state_dict(), "optimizer": saved.state_dict()}
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.5, beta1=0.8, beta2=0.98, eps=1e-6))
+    restore_optimizer(checkpoint, model, optimizer)
+    assert [(g["weight_decay"], g["betas"], g["eps"], g["fused"]) for g in optimizer.param_groups] == [
+        (0.0, (0.8, 0.98), 1e-6, True), (0.5, (0.8, 0.98), 1e-6, True)]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "AdamW" in line]
+    assert len(lines) == 1 and "weight_decay 0.1 -> 0.5" in lines[0] and "eps 1e-08 -> 1e-06" in lines[0], lines
+
+
+def test_a_resume_with_other_adamw_settings_is_refused_like_the_schedule(tmp_path):
+    from rankclip.config import Config
+    from rankclip.errors import CheckpointError
+    from rankclip.resume import check_resumed_config
+
+    saved = Config.from_dict({"name": "run", "train_data": "train.csv"}).to_dict()
+    now = Config.from_dict({"name": "run", "train_data": "train.csv", "weight_decay": 0.5, "beta2": 0.98}).to_dict()
+    with pytest.raises(CheckpointError, match=r"beta2 0.999 -> 0.98, weight_decay 0.1 -> 0.5.*--resume_allow_changes"):
+        check_resumed_config({"config": saved, "epoch": 1}, tmp_path / "epoch_1.pt", now, world_size=1)
+    check_resumed_config({"config": saved, "epoch": 1}, tmp_path / "epoch_1.pt", now | {"resume_allow_changes": True},
+                         world_size=1)

@@ -78,5 +78,15 @@ def test_the_partial_epoch_sums_move_to_rank_zero_when_the_world_shrinks():
     checkpoint = {"world_size": 2, "ranks": states}
     own = restore_rank_state(checkpoint, Runtime(rank=0, world_size=1), seed=0, step=3)
     assert own == {"sums": {"loss": 6.0}, "failed": ["a.jpg", "b.jpg"]}
-    assert restore_rank_state(checkpoint, Runtime(rank=1, world_size=3), seed=0, step=3) == {}
+    assert restore_rank_state(checkpoint, Runtime(rank=1, world_size=3), seed=0, step=3) == {"sums": {"loss": 0.0}}
     assert restore_rank_state(checkpoint, Runtime(rank=1, world_size=2), seed=0, step=3)["sums"] == {"loss": 4.0}
+
+
+def test_every_rank_sums_the_same_keys_after_the_world_size_changed():
+    """A checkpoint written at an epoch's last step, resumed on another number of processes: no step
+    is left, and the epoch's all-reduce of the sums needs the same keys, in the same order, on every rank."""
+    sums = {"loss": 8.0, "contrastive_loss": 6.0, "rank_loss": 2.0}
+    checkpoint = {"world_size": 2, "ranks": [{"rng": capture_rng(torch.device("cpu")), "sums": sums}] * 2}
+    owns = [restore_rank_state(checkpoint, Runtime(rank=rank, world_size=3), seed=0, step=8) for rank in range(3)]
+    assert [list(own["sums"]) for own in owns] == [sorted(sums)] * 3
+    assert sum(own["sums"]["loss"] for own in owns) / 3 == pytest.approx(8.0)  # the old mean over ranks

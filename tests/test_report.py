@@ -113,6 +113,40 @@ def test_at_best_takes_the_epoch_of_epoch_best(study):
     assert report["tables"]["Zero-shot accuracy"]["rows"]["loss=clip"]["ImageNet1K top-1"]["mean"] == pytest.approx(0.5)
 
 
+def bytes_read() -> int:
+    """This process's bytes read through read() so far (/proc/self/io rchar)."""
+    return int(dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())["rchar"])
+
+
+def test_at_best_reads_the_epoch_without_reading_the_weights(study):
+    """report --at best needs one integer of each run's epoch.best.pt: its tensors stay on disk (mmap)."""
+    for run in study.iterdir():
+        (run / "checkpoints").mkdir()
+        torch.save({"epoch": 1, "state_dict": {"big": torch.ones(4 * 2**20)}}, run / "checkpoints" / "epoch.best.pt")
+    before = bytes_read()
+    report, _ = build_report([study], at="best")
+    assert report["configurations"][0]["epochs"] == [1, 1, 1]
+    assert bytes_read() - before < 2**20  # not the five 16 MiB files
+
+
+def test_at_best_without_epoch_best_names_the_setting_that_chooses_it(study):
+    warnings = []
+    with pytest.raises(ReportError, match="no finished runs"):
+        build_report([study], at="best", warn=warnings.append)
+    assert all("no checkpoints/epoch.best.pt (written at each epoch that improves --best_metric" in w for w in warnings)
+    assert len(warnings) == 5 and "--best_metric contrastive_loss" in warnings[0] and "--validation_data" not in warnings[0]
+
+
+def test_how_a_run_saved_is_not_its_configuration(study):
+    """A seed requeued with another save interval, retention or logging is still the same configuration."""
+    bookkeeping = dict(save_every_minutes=10.0, save_every_steps=100, keep_checkpoints=1, log_every_n_steps=7,
+                       best_metric="eval/ImageNet1K/zeroshot_top1", resume_allow_changes=True)
+    write_run(study / "loss=clip_seed=3", records_for(0.6, 2.0), loss="clip", seed=3, **bookkeeping)
+    report, _ = build_report([study])
+    assert [c["label"] for c in report["configurations"]] == ["loss=clip", "loss=rankclip"]
+    assert report["configurations"][0]["seeds"] == ["0", "1", "2", "3"] and report["differing_settings"] == ["loss"]
+
+
 def test_a_resumed_runs_later_records_win(tmp_path):
     rows = records_for(0.2, 1.0) + [{"epoch": EPOCHS, "split": "eval", "eval_data_type": "ImageNet1K",
                                      "zeroshot_top1": 0.9, "zeroshot_top5": 1.0}]
