@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import Checkpointer, TrainState, checkpoints_dir, epoch_files, latest_path
-from .config import CheckpointsConfig
+from .config import CheckpointsConfig, default_value
 from .errors import ConfigError, CheckpointError
 from .logger import log
 from .optim import load_optimizer_state, state_by_name
@@ -21,7 +21,7 @@ from .weights import extract_state_dict, read_checkpoint
 
 # What places a run's schedule and data: a resumed run must keep them (or say --resume_allow_changes).
 RESUME_KEYS = ("model_name", "train_data", "dataset_type", "train_num_samples", "batch_size", "accum_freq",
-               "epochs", "num_warmup_steps", "seed")
+               "epochs", "num_warmup_steps", "lr_scheduler", "epochs_cooldown", "seed")
 
 
 # Of those, the ones that place the data inside an epoch: a mid-epoch position means nothing under others.
@@ -37,8 +37,9 @@ def check_resumed_config(obj: dict, path: str | Path, settings: dict, world_size
     if not isinstance(saved, dict):
         return
     now = settings
-    changed = [key for key in RESUME_KEYS if saved.get(key) != now[key]]
-    changes = ", ".join(f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in changed)
+    before = {key: saved.get(key, default_value(key)) for key in RESUME_KEYS}  # older checkpoints lack newer keys
+    changed = [key for key in RESUME_KEYS if before[key] != now[key]]
+    changes = ", ".join(f"{key} {before[key]!r} -> {now[key]!r}" for key in changed)
     if changed and not now["resume_allow_changes"]:
         raise CheckpointError(f"--resume {path}: the checkpoint was written with other settings: {changes}; "
                           f"resume with the run's settings, or pass --resume_allow_changes")
