@@ -183,11 +183,11 @@ class EvaluationConfig:
         nargs="+")
     linear_probe_batch_size: int = setting(16, "(default {default})", type=int)
     linear_probe_num_epochs: int = setting(32, "(default {default})", type=int)
-    zeroshot_frequency: int = setting(1, "evaluate the --eval_data_type sets (zero-shot or linear probe) after "
-                                      "epochs divisible by N and after the last (default {default}; 0 = never)",
-                                      type=int)
-    val_frequency: int = setting(1, "evaluate --validation_data and --retrieval_data after epochs divisible by N "
-                                 "and after the last (default {default}; 0 = never)", type=int)
+    zeroshot_frequency: int = setting(1, "evaluate the --eval_data_type sets (zero-shot or linear probe) before "
+                                      "training, after epochs divisible by N and after the last (default {default}; "
+                                      "0 = never)", type=int)
+    val_frequency: int = setting(1, "evaluate --validation_data and --retrieval_data before training, after epochs "
+                                 "divisible by N and after the last (default {default}; 0 = never)", type=int)
 
     def sets(self) -> Iterator[tuple[str, str, Optional[str]]]:
         """(set name, test folder, training folder or None) of each --eval_data_type."""
@@ -254,8 +254,9 @@ class TrainingConfig:
     log_every_n_steps: Optional[int] = setting(None, "log the training loss every N steps (default: about every "
                                                "10%% of an epoch)", type=int)
     grad_clip_norm: Optional[float] = setting(None, "clip the gradient's global L2 norm (all processes, all "
-                                              "micro-batches of a step) to this before each optimizer step "
-                                              "(default: no clipping)", type=float)
+                                              "micro-batches of a step, after fp16 unscaling) to this before each "
+                                              "optimizer step (default: no clipping); steps.jsonl's grad_norm is the "
+                                              "norm before clipping", type=float)
 
     def check(self) -> None:
         _check_choices(self)
