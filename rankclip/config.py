@@ -166,7 +166,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """What is evaluated after every epoch: zero-shot or linear-probe sets, and retrieval."""
+    """What is evaluated, and after which epochs: zero-shot or linear-probe sets, and retrieval."""
 
     eval_data_type: Optional[tuple[str, ...]] = setting(
         None, "evaluation sets, one per --eval_test_data_dir (e.g. ImageNet1K CIFAR10)", type=str, nargs="+",
