@@ -49,6 +49,7 @@ MODEL_FOLDER_SCHEMAS = ("local-dir:", "hf-hub:")
 MODEL_JSON_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 # The most data-loader workers a process gets by default (more rarely speed up CLIP-sized images).
 DEFAULT_MAX_WORKERS = 4
+LR_SCHEDULERS = ("cosine", "const", "const-cooldown")  # open_clip_train's --lr-scheduler choices
 # --best_metric: which recorded quantities are better when higher, which when lower (by their key).
 HIGHER_IS_BETTER = re.compile(r"(zeroshot|linear_probe)_top\d+|.*_R@\d+|.*_consistency")
 LOWER_IS_BETTER = re.compile(r".*loss|alignment|.*_uniformity|modality_gap")
@@ -227,7 +228,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """What is evaluated after every epoch: zero-shot or linear-probe sets, and retrieval."""
+    """What is evaluated, and after which epochs: zero-shot or linear-probe sets, and retrieval."""
 
     eval_data_type: Optional[tuple[str, ...]] = setting(
         None, "evaluation sets, one per --eval_test_data_dir: the original code's " + ", ".join(EVAL_DATA_TYPES)
@@ -245,6 +246,11 @@ class EvaluationConfig:
               "captions per image allowed)", type=str, nargs="+")
     linear_probe_batch_size: int = setting(16, "(default {default})", type=int)
     linear_probe_num_epochs: int = setting(32, "(default {default})", type=int)
+    zeroshot_frequency: int = setting(1, "evaluate the --eval_data_type sets (zero-shot or linear probe) before "
+                                      "training, after epochs divisible by N and after the last (default {default}; "
+                                      "0 = never)", type=int)
+    val_frequency: int = setting(1, "evaluate --validation_data and --retrieval_data before training, after epochs "
+                                 "divisible by N and after the last (default {default}; 0 = never)", type=int)
 
     def sets(self) -> Iterator[tuple[str, str, Optional[str]]]:
         """(set name, test folder, training folder or None) of each --eval_data_type."""
@@ -282,7 +288,8 @@ class EvaluationConfig:
         if self.linear_probe and len(trains) != len(sets):
             raise ConfigError(f"--linear_probe needs one --eval_train_data_dir per --eval_data_type ({len(sets)}), "
                               f"got {len(trains)}")
-        _check_signs(self, positive=("linear_probe_batch_size", "linear_probe_num_epochs"))
+        _check_signs(self, positive=("linear_probe_batch_size", "linear_probe_num_epochs"),
+                     non_negative=("zeroshot_frequency", "val_frequency"))
 
 
 @dataclass(frozen=True)
@@ -315,17 +322,24 @@ class TrainingConfig:
                              choices=PRECISIONS)
     log_every_n_steps: Optional[int] = setting(None, "log the training loss every N steps (default: about every "
                                                "10%% of an epoch)", type=int)
+    grad_clip_norm: Optional[float] = setting(None, "clip the gradient's global L2 norm (all processes, all "
+                                              "micro-batches of a step, after fp16 unscaling) to this before each "
+                                              "optimizer step (default: no clipping); steps.jsonl's grad_norm is the "
+                                              "norm before clipping", type=float)
 
     def check(self) -> None:
         _check_choices(self)
         if self.log_every_n_steps is not None and self.log_every_n_steps < 1:
             raise ConfigError(f"--log_every_n_steps must be positive, got {self.log_every_n_steps}")
         _check_signs(self, positive=("epochs", "batch_size", "accum_freq"))
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ConfigError(f"--grad_clip_norm must be positive, got {self.grad_clip_norm} (leave it out for no "
+                              f"clipping)")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW and its learning-rate schedule (linear warmup, then cosine to 0)."""
+    """AdamW and its learning-rate schedule (linear warmup, then cosine to 0, constant, or constant with a cooldown)."""
 
     lr: float = setting(5e-4, "peak learning rate (default {default})", type=float)
     beta1: float = setting(0.9, "AdamW beta1 (default {default})", type=float)
@@ -334,13 +348,27 @@ class OptimConfig:
     weight_decay: float = setting(0.1, "(default {default}); never applied to norms, biases, logit scale",
                                   type=float)
     num_warmup_steps: int = setting(10000, "linear warmup steps (default {default})", type=int)
+    lr_scheduler: str = setting("cosine", "after the warmup: cosine (to 0 at the last step), const (the peak lr) "
+                                "or const-cooldown (the peak lr, then a decay over the last --epochs_cooldown "
+                                "epochs) (default {default})", type=str, choices=LR_SCHEDULERS)
+    epochs_cooldown: Optional[int] = setting(None, "const-cooldown: the last N epochs decay the lr", type=int)
+    lr_cooldown_end: float = setting(0.0, "const-cooldown: the lr the cooldown reaches at the last step (default "
+                                     "{default})", type=float)
+    lr_cooldown_power: float = setting(1.0, "const-cooldown: the decay is (1 - progress)^power (default {default}: "
+                                       "linear)", type=float)
 
     @property
     def betas(self) -> tuple[float, float]:
         return self.beta1, self.beta2
 
     def check(self) -> None:
-        _check_signs(self, positive=("lr",), non_negative=("num_warmup_steps", "weight_decay"))
+        _check_choices(self)
+        _check_signs(self, positive=("lr", "lr_cooldown_power"),
+                     non_negative=("num_warmup_steps", "weight_decay", "lr_cooldown_end"))
+        if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
+            raise ConfigError("--lr_scheduler const-cooldown needs --epochs_cooldown N: the last N epochs cool down")
+        if self.epochs_cooldown is not None and self.epochs_cooldown < 1:
+            raise ConfigError(f"--epochs_cooldown must be positive, got {self.epochs_cooldown}")
 
 
 @dataclass(frozen=True)
@@ -450,6 +478,10 @@ class Config:
             raise ConfigError("nothing to do: pass --train_data to train, or --checkpoint (or --pretrained, or "
                               "--model_name local-dir:DIR) with --eval_* or --retrieval_data to evaluate")
         self._check_best_metric()
+        cooldown = self.optim.epochs_cooldown
+        if self.optim.lr_scheduler == "const-cooldown" and cooldown > self.training.epochs:
+            raise ConfigError(f"--epochs_cooldown {cooldown} is longer than the run (--epochs {self.training.epochs}); "
+                              f"give at most {self.training.epochs}")
 
     def _check_best_metric(self) -> None:
         """The --best_metric must be a quantity this run's evaluation records (the default needs validation data)."""

@@ -164,29 +164,43 @@ def model_logits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return logits
 
 
+def due(frequency: int, epoch: int, last: bool) -> bool:
+    """open_clip_train's rule for --zeroshot_frequency and --val_frequency: evaluate after epochs divisible
+    by `frequency` (epoch 0, before training, too) and after the `last` one; 0 = never."""
+    return frequency > 0 and (epoch % frequency == 0 or last)
+
+
 class Evaluator:
-    """Runs the configured evaluations, shared by all processes, and records them in results.jsonl."""
+    """Runs the configured evaluations, shared by all processes, and records them in results.jsonl.
+
+    `evaluation` gives the frequencies: --val_frequency for validation and retrieval (open_clip_train's
+    validation pass, which also measures retrieval), --zeroshot_frequency for the --eval_data_type sets,
+    zero-shot or linear probe."""
 
     def __init__(self, tasks: EvalTasks, runtime: Runtime, *, validation_loader: Optional[torch.utils.data.DataLoader],
-                 loss_fn: torch.nn.Module, tokenizer: Callable, logger: RunLogger, precision: str) -> None:
+                 loss_fn: torch.nn.Module, tokenizer: Callable, logger: RunLogger, precision: str,
+                 evaluation: EvaluationConfig = EvaluationConfig()) -> None:
         self.device, self.autocast = runtime.device, partial(autocast, runtime.device, precision)
         self.loss_fn, self.validation_loader, self.tokenizer, self.logger = loss_fn, validation_loader, tokenizer, logger
         self.zero_shot_tasks, self.probes, self.retrievals = tasks.zero_shot, tasks.probes, tasks.retrieval
+        self.val_frequency, self.zeroshot_frequency = evaluation.val_frequency, evaluation.zeroshot_frequency
 
-    def run(self, model: torch.nn.Module, epoch: int, rank_weight: float) -> dict[str, float]:
-        """Evaluate `model` (unwrapped; every process calls this); returns every number recorded, by its
+    def run(self, model: torch.nn.Module, epoch: int, rank_weight: float, last: bool = True) -> dict[str, float]:
+        """Evaluate `model` (unwrapped; every process calls this) after `epoch`, what the frequencies make due
+        (`last`: the run's last epoch, or an evaluation-only run); returns every number recorded, by its
         full name ("validation/contrastive_loss", "eval/ImageNet1K/zeroshot_top1"); {} on other ranks
-        (their logger records nothing)."""
+        (their logger records nothing) and where nothing was due."""
         was_training = model.training
         model.eval()
         recorded: dict[str, float] = {}
-        if self.validation_loader is not None:
+        validate, sets = due(self.val_frequency, epoch, last), due(self.zeroshot_frequency, epoch, last)
+        if self.validation_loader is not None and validate:
             recorded |= self.logger.results(epoch, "validation", self.validation(model, rank_weight))
-        for task in self.zero_shot_tasks:
+        for task in self.zero_shot_tasks if sets else ():
             recorded |= self.logger.results(epoch, "eval", self.zero_shot(model, task))
-        for task in self.probes:
+        for task in self.probes if sets else ():
             recorded |= self.logger.results(epoch, "eval", self.linear_probe(model, task))
-        for task in self.retrievals:
+        for task in self.retrievals if validate else ():
             recorded |= self.logger.results(epoch, "retrieval", self.retrieval(model, task))
         model.train(was_training)
         return recorded

@@ -29,7 +29,7 @@ from .rankstate import seed_rank
 from .resume import ResumePoint, check_run_folder, find_resume, resume_training
 from .runtime import Runtime
 from .savepoints import EXIT_PREEMPTED, Preempted
-from .train import CosineSchedule, Schedules, Trainer
+from .train import Schedules, Trainer, lr_schedule
 from .weights import load_model_weights
 
 
@@ -42,7 +42,8 @@ def build_evaluator(cfg: Config, runtime: Runtime, bundle: ModelBundle, logger: 
     tasks = build_eval_tasks(cfg.evaluation, runtime, bundle.val_transform, layout=data.csv_layout,
                              num_workers=data.num_workers, seed=seed)
     return Evaluator(tasks, runtime, validation_loader=validation, loss_fn=build_loss(cfg.objective, gather=False),
-                     tokenizer=bundle.tokenizer, logger=logger, precision=cfg.training.precision)
+                     tokenizer=bundle.tokenizer, logger=logger, precision=cfg.training.precision,
+                     evaluation=cfg.evaluation)
 
 
 def evaluate_checkpoint(cfg: Config, bundle: ModelBundle, evaluator: Evaluator) -> None:
@@ -97,7 +98,7 @@ def run(cfg: Config, runtime: Runtime) -> None:
     elif cfg.checkpoints.resume == "auto":
         logger.rewind(-1, 0)
 
-    schedules = Schedules(lr=CosineSchedule(cfg.optim.lr, cfg.optim.num_warmup_steps, cfg.training.epochs * data.steps),
+    schedules = Schedules(lr=lr_schedule(cfg.optim, cfg.training.epochs, data.steps),
                           rank_weight=RankWeightSchedule(cfg.objective.rank_schedule, cfg.training.epochs))
     trainer = Trainer(cfg.training, runtime, state, schedules, build_loss(cfg.objective), data, evaluator,
                       checkpointer, logger)

@@ -10,7 +10,8 @@ is moved to the position that name has here.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Iterable, Optional
 
 import torch
 
@@ -70,6 +71,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> list[
             if isinstance(value, torch.Tensor) and value.device.type == "cpu":
                 moments[key] = value.clone()
     return list(dict.fromkeys(changed))
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+    """The L2 norm of all gradients of `parameters` together (those that have one), before clipping;
+    with `max_norm`, the gradients are scaled down to at most that norm (torch's clip_grad_norm_, as
+    open_clip_train calls it), without it only measured (scaled by exactly 1). A device tensor: no host
+    read, the caller reads it where it logs."""
+    return torch.nn.utils.clip_grad_norm_(parameters, math.inf if max_norm is None else max_norm)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -22,9 +22,9 @@ from .weights import extract_state_dict, load_weights, read_checkpoint
 # What places a run's schedule and data, which weights train, and the AdamW settings the optimizer's groups
 # hold: a resumed run must keep them (or say --resume_allow_changes; the optimizer then takes the flags' values).
 RESUME_KEYS = ("model_name", "train_data", "dataset_type", "train_num_samples", "batch_size", "accum_freq",
-               "epochs", "num_warmup_steps", "seed", "beta1", "beta2", "eps", "weight_decay", "lock_image",
-               "lock_image_unlocked_groups", "lock_image_freeze_bn_stats", "lock_text", "lock_text_unlocked_layers",
-               "lock_text_freeze_layer_norm")
+               "epochs", "num_warmup_steps", "lr_scheduler", "epochs_cooldown", "seed", "beta1", "beta2", "eps",
+               "weight_decay", "lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats", "lock_text",
+               "lock_text_unlocked_layers", "lock_text_freeze_layer_norm")
 
 
 # Of those, the ones that place the data inside an epoch: a mid-epoch position means nothing under others.

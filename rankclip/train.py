@@ -12,12 +12,13 @@ from tqdm import tqdm
 
 from .accumulate import cached_gradient_step
 from .checkpoint import Checkpointer, TrainState
-from .config import TrainingConfig
+from .config import OptimConfig, TrainingConfig
 from .data import FAILURE_LIMIT
 from .errors import DataError
 from .evaluate import Evaluator
 from .loaders import TrainData
 from .logger import RunLogger, log, progress_interval
+from .optim import clip_gradients
 from .precision import autocast
 from .resume import ResumePoint
 from .runtime import Runtime
@@ -28,26 +29,55 @@ MAX_LOGIT_SCALE = math.log(100)
 
 
 @dataclass(frozen=True)
-class CosineSchedule:
-    """Linear warmup from step 0, then cosine decay that is exactly 0 at the last step.
+class LrSchedule:
+    """The lr of optimizer steps 0 .. total_steps-1: a linear warmup from step 0, lr·(step+1)/warmup, then
+    `kind` (--lr_scheduler):
 
-    Steps are 0 .. total_steps-1. Warmup: lr·(step+1)/warmup. The reference code's cosine never
-    reaches 0 (it ends one step early); here the last step's lr is 0 whenever total_steps ≥ 2.
+    - cosine: a cosine decay that is exactly 0 at the last step;
+    - const: the peak lr;
+    - const-cooldown: the peak lr until the last `cooldown_steps`, which decay it as
+      end + (lr - end)·(1 - progress)^power, progress going from 0 at the cooldown's first step to 1
+      (lr = `cooldown_end`) at the last step.
+
+    open_clip_train's schedules end one step early (its cosine never reaches 0, its cooldown never its
+    end lr); here the last step's lr is the schedule's end (but a one-step cosine run keeps its lr): each
+    equals open_clip_train's for total_steps-1 steps (and cooldown_steps-1). A warmup longer than the run
+    ends at its last-but-one step; a cooldown that starts inside the warmup takes over, at its own
+    progress, where the warmup ends.
     """
 
     base_lr: float
     warmup_steps: int
     total_steps: int
+    kind: str = "cosine"
+    cooldown_steps: int = 0
+    cooldown_end: float = 0.0
+    cooldown_power: float = 1.0
 
     def __call__(self, step: int) -> float:
         warmup = min(self.warmup_steps, self.total_steps - 1)
         if step < warmup:
             return self.base_lr * (step + 1) / warmup
+        if self.kind == "const":
+            return self.base_lr
+        if self.kind == "const-cooldown":
+            start = self.total_steps - self.cooldown_steps
+            if step < start:
+                return self.base_lr
+            span = self.cooldown_steps - 1
+            progress = min(step - start, span) / span if span > 0 else 1.0
+            return self.cooldown_end + (self.base_lr - self.cooldown_end) * (1 - progress) ** self.cooldown_power
         decay_steps = self.total_steps - 1 - warmup
         if decay_steps <= 0:  # nothing but the last step follows warmup (a one-step run keeps its lr)
             return 0.0 if self.total_steps > 1 else self.base_lr
         progress = min(step - warmup, decay_steps) / decay_steps
         return 0.5 * self.base_lr * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optim: OptimConfig, epochs: int, steps_per_epoch: int) -> LrSchedule:
+    """The --lr_scheduler of a run of `epochs` epochs of `steps_per_epoch` optimizer steps."""
+    return LrSchedule(optim.lr, optim.num_warmup_steps, epochs * steps_per_epoch, optim.lr_scheduler,
+                      (optim.epochs_cooldown or 0) * steps_per_epoch, optim.lr_cooldown_end, optim.lr_cooldown_power)
 
 
 def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, precision: str) -> dict:
@@ -125,14 +155,15 @@ class Trainer:
         points.install()
         try:
             if resume.epoch == 1 and resume.steps_done == 0:
-                self.evaluator.run(self.state.model, epoch=0, rank_weight=self.schedules.rank_weight(0))
+                self.evaluator.run(self.state.model, epoch=0, rank_weight=self.schedules.rank_weight(0), last=False)
                 self.runtime.barrier()
             for epoch in range(resume.epoch, self.training.epochs + 1):
                 weight = self.schedules.rank_weight(epoch)
                 train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None)
                 self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
                 self.logger.results(epoch, "train", train_metrics)
-                recorded = self.evaluator.run(self.state.model, epoch=epoch, rank_weight=weight)
+                recorded = self.evaluator.run(self.state.model, epoch=epoch, rank_weight=weight,
+                                              last=epoch == self.training.epochs)
                 self.runtime.barrier()
                 self.checkpointer.save(self.state, epoch, position=None, recorded=recorded)
                 if points.at_step(self.state.step, may_save=False)[1]:
@@ -176,6 +207,19 @@ class Trainer:
         self.backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}, features["logit_scale"].detach()
 
+    def clip_gradients(self) -> torch.Tensor:
+        """The step's gradient norm before clipping; the gradients clipped to --grad_clip_norm when it is given.
+
+        Called once per optimizer step, after the backward of every micro-batch, and under fp16 after
+        unscaling (scaler.step then does not unscale again). Under DDP the backward has all-reduced the
+        gradients already (with --accum_freq, the last micro-batch's backward reduces the sum of all of
+        them): every rank holds the same global gradient, so the local norm is the global norm and every
+        rank clips alike, with no collective of its own.
+        """
+        if self.state.scaler is not None:
+            self.state.scaler.unscale_(self.state.optimizer)
+        return clip_gradients(self.state.model.parameters(), self.training.grad_clip_norm)
+
     def train_epoch(self, epoch: int, weight: float, resume: Optional[ResumePoint] = None) -> dict:
         """One epoch, or the rest of one that a mid-epoch checkpoint (`resume`) stopped in."""
         state, points = self.state, self.checkpointer.points
@@ -208,6 +252,9 @@ class Trainer:
 
             state.optimizer.zero_grad(set_to_none=True)
             losses, logit_scale = self.forward_backward(batches, weight)
+            log_now = (i + 1) % every == 0 or i + 1 == num_steps
+            if log_now or self.training.grad_clip_norm is not None:
+                grad_norm = self.clip_gradients()
             if state.scaler is not None:
                 state.scaler.step(state.optimizer)
                 state.scaler.update()
@@ -222,9 +269,10 @@ class Trainer:
             interval_samples += n
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.double() * n
-            if (i + 1) % every == 0 or i + 1 == num_steps:
+            if log_now:
                 now = time.perf_counter()
-                values = dict(zip(losses, torch.stack([v.float() for v in losses.values()]).tolist()))
+                logged = losses | {"grad_norm": grad_norm}
+                values = dict(zip(logged, torch.stack([v.float() for v in logged.values()]).tolist()))
                 parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
                 rate = interval_samples / max(now - interval_start, 1e-9)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")

@@ -368,3 +368,18 @@ def test_the_resumed_checkpoint_is_released_before_training(colour_data, tmp_pat
     monkeypatch.setattr(Trainer, "fit", fit)
     assert main(argv + ["--resume", "latest"]) == 0
     assert len(loaded) > 50 and alive_in_fit == [0]
+
+
+def test_a_resume_keeps_the_lr_schedule_and_reads_older_checkpoints_as_cosine(tmp_path):
+    """--lr_scheduler and --epochs_cooldown place the schedule: changing them needs --resume_allow_changes; a
+    checkpoint written before they existed has the cosine schedule, today's default."""
+    path = tmp_path / "checkpoints" / "epoch_latest.pt"
+    settings = dict(name="run", train_data="train.csv", dataset_type="csv")
+    cosine = Config.from_dict(settings).to_dict()
+    older = {"config": {k: v for k, v in cosine.items() if k not in ("lr_scheduler", "epochs_cooldown")}, "epoch": 1}
+    check_resumed_config(older, path, cosine, world_size=1)
+    cooldown = Config.from_dict(settings | {"lr_scheduler": "const-cooldown", "epochs_cooldown": 2}).to_dict()
+    with pytest.raises(CheckpointError, match="lr_scheduler 'cosine' -> 'const-cooldown', epochs_cooldown None -> 2"
+                                              ".*--resume_allow_changes"):
+        check_resumed_config(older, path, cooldown, world_size=1)
+    check_resumed_config(older, path, cooldown | {"resume_allow_changes": True}, world_size=1)

@@ -46,6 +46,7 @@ def test_run_folder_has_the_contract_files(trained):
     steps = [json.loads(line) for line in (trained / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == sorted({r["step"] for r in steps}) and steps[-1]["step"] == 8 * EPOCHS
     assert {"loss", "lr", "epoch"} <= set(steps[0])
+    assert all(r["grad_norm"] > 0 for r in steps)  # logged at every logged step, also without --grad_clip_norm
     assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -48,6 +48,19 @@ def test_grid_expands_to_every_combination_in_order(colour_data, tmp_path):
     assert torchrun[-2:] == ["--resume", "auto"]
 
 
+def test_schedule_clipping_and_frequency_flags_are_grid_axes(colour_data, tmp_path):
+    axes = {"lr_scheduler=cosine,const,const-cooldown": ("cosine", "const", "const-cooldown"),
+            "epochs_cooldown=1,2": (1, 2), "lr_cooldown_end=0,1e-6": (0.0, 1e-6), "lr_cooldown_power=1,2": (1.0, 2.0),
+            "grad_clip_norm=1,5": (1.0, 5.0), "zeroshot_frequency=0,2": (0, 2), "val_frequency=1,3": (1, 3)}
+    for spec, parsed in axes.items():
+        assert compare.parse_axis(spec).parsed == parsed, spec
+    study = parse_study([*study_flags(colour_data, tmp_path, "lr_scheduler=cosine,const-cooldown", "grad_clip_norm=1,5"),
+                         "--epochs_cooldown", "1", "--val_frequency", "2"])
+    assert [(c.config.optim.lr_scheduler, c.config.training.grad_clip_norm) for c in study.cells] == [
+        ("cosine", 1.0), ("cosine", 5.0), ("const-cooldown", 1.0), ("const-cooldown", 5.0)]
+    assert {(c.config.optim.epochs_cooldown, c.config.evaluation.val_frequency) for c in study.cells} == {(1, 2)}
+
+
 def test_cell_names_are_plain_folder_names():
     assert cell_name([("model_name", "ViT-B/32"), ("lambda1", "0.0625")]) == "model_name=ViT-B-32_lambda1=0.0625"
 

@@ -49,16 +49,30 @@ def relative_difference(a: dict, b: dict) -> float:
     return float((num / den).sqrt())
 
 
+# The settings of the `runs` fixture's uninterrupted runs, which the tests below continue or compare with.
+# A small lr: Adam turns float noise in gradients that are exactly 0 in exact arithmetic (the attention
+# key bias) into ±lr steps, and the 1-vs-2-process comparison should see only noise. The gradient norm
+# is clipped at every step (its norm is 10 to 20 there), so every comparison covers clipping too.
+RUN_EXTRA = ["--validation_data", "{validation}", "--loss", "rankclip", "--rank_schedule", "constant", "--epochs", "2",
+             "--lr", "5e-5", "--grad_clip_norm", "5"]
+CLIP = 5.0
+
+
+def run_life_command(colour_data, logs, name, nproc, *extra):
+    settings = [a.format(validation=colour_data["validation"]) for a in RUN_EXTRA]
+    return command(colour_data, logs, name, nproc, *settings, *extra)
+
+
+def grad_norms(run_dir) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def runs(colour_data, tmp_path_factory):
-    """The same training with one and with two processes (rankclip loss, a validation set)."""
+    """The same training with one and with two processes (rankclip loss, a validation set, clipping)."""
     logs = tmp_path_factory.mktemp("dist")
-    # A small lr: Adam turns float noise in gradients that are exactly 0 in exact arithmetic (the
-    # attention key bias) into ±lr steps, and the 1-vs-2-process comparison should see only noise.
-    extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
-             "constant", "--epochs", "2", "--lr", "5e-5"]
-    one = run(command(colour_data, logs, "one", 1, *extra))
-    two = run(command(colour_data, logs, "two", 2, *extra))
+    one = run(run_life_command(colour_data, logs, "one", 1))
+    two = run(run_life_command(colour_data, logs, "two", 2))
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     return logs, two
@@ -74,6 +88,15 @@ def test_two_processes_take_the_same_steps_as_one(runs):
     assert relative_difference(one["state_dict"], two["state_dict"]) <= 1e-5
 
 
+def test_clipping_sees_the_global_norm_whatever_the_number_of_processes(runs):
+    """steps.jsonl's grad_norm (before clipping, every step) is the whole batch's on 2 processes as on 1:
+    DDP has all-reduced the gradients before the norm is taken."""
+    logs, _ = runs
+    one, two = grad_norms(logs / "one"), grad_norms(logs / "two")
+    assert len(one) == 16 and min(one) > CLIP  # clipped at every step
+    assert two == pytest.approx(one, rel=1e-4)
+
+
 def test_only_rank_zero_writes_and_logs_the_world(runs):
     logs, two = runs
     log = (logs / "two" / "output.log").read_text()
@@ -87,9 +110,7 @@ def test_resume_of_a_two_process_run(runs, colour_data):
     folder = logs / "resumed" / "checkpoints"
     folder.mkdir(parents=True)
     (folder / "epoch_latest.pt").write_bytes((logs / "two" / "checkpoints" / "epoch_1.pt").read_bytes())
-    extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
-             "constant", "--epochs", "2", "--lr", "5e-5", "--resume", "latest"]
-    result = run(command(colour_data, logs, "resumed", 2, *extra))
+    result = run(run_life_command(colour_data, logs, "resumed", 2, "--resume", "latest"))
     assert result.returncode == 0, result.stderr[-3000:]
     straight = read_checkpoint(logs / "two" / "checkpoints" / "epoch_2.pt")["state_dict"]
     resumed = read_checkpoint(folder / "epoch_2.pt")["state_dict"]
@@ -119,11 +140,10 @@ def test_a_checkpoint_from_an_epochs_last_step_resumes_on_another_world_size(run
 
 
 def test_two_processes_with_gradient_caching_take_the_large_batch_steps(runs, colour_data):
-    """2 processes x 2 micro-batches of global batch 16 (DDP no_sync, gathers of cached features) = 1 x 32."""
+    """2 processes x 2 micro-batches of global batch 16 (DDP no_sync, gathers of cached features) = 1 x 32,
+    clipped once per step, by the norm of the whole step's gradient."""
     logs, _ = runs
-    extra = ["--validation_data", str(colour_data["validation"]), "--loss", "rankclip", "--rank_schedule",
-             "constant", "--epochs", "2", "--lr", "5e-5", "--accum_freq", "2"]
-    cmd = command(colour_data, logs, "accumulated", 2, *extra)
+    cmd = run_life_command(colour_data, logs, "accumulated", 2, "--accum_freq", "2")
     cmd[cmd.index("--batch_size") + 1] = "16"
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -131,6 +151,7 @@ def test_two_processes_with_gradient_caching_take_the_large_batch_steps(runs, co
     accumulated = read_checkpoint(logs / "accumulated" / "checkpoints" / "epoch_2.pt")
     assert accumulated["step"] == 16
     assert relative_difference(one["state_dict"], accumulated["state_dict"]) <= 1e-5
+    assert grad_norms(logs / "accumulated") == pytest.approx(grad_norms(logs / "one"), rel=1e-4)
 
 
 def test_two_processes_train_from_shards(colour_data, colour_shards, tmp_path):
@@ -225,15 +246,6 @@ def test_ranks_draw_their_own_masks_and_resume_them_exactly(colour_data, tmp_pat
 
 # ---- Run life: kill -9 at a random step, preemption signals, resume on another number of processes.
 
-RUN_EXTRA = ["--validation_data", "{validation}", "--loss", "rankclip", "--rank_schedule", "constant", "--epochs", "2",
-             "--lr", "5e-5"]  # the settings of the `runs` fixture's uninterrupted runs
-
-
-def run_life_command(colour_data, logs, name, nproc, *extra):
-    settings = [a.format(validation=colour_data["validation"]) for a in RUN_EXTRA]
-    return command(colour_data, logs, name, nproc, *settings, *extra)
-
-
 def start_and_wait_for_step(cmd, run_dir, step):
     """Start a run in its own session; return it once steps.jsonl shows optimizer step `step`."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -301,6 +313,40 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(runs, colour_data, wor
     straight = [json.loads(line) for line in (logs / "one" / "results.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["split"]) for r in train] == [(r["epoch"], r["split"]) for r in straight]
     assert [r["loss"] for r in train] == pytest.approx([r["loss"] for r in straight], rel=1e-9)
+
+
+def test_kill_9_inside_the_cooldown_then_resume_is_bit_exact(runs, colour_data):
+    """--lr_scheduler const-cooldown, epoch 2 of 2 cooling down (power 2, to 1e-5): killed at a random step
+    of the cooldown and resumed, the run ends with the uninterrupted run's weights, bit for bit, and every
+    step's lr is the schedule's."""
+    logs, _ = runs
+    schedule = ["--lr_scheduler", "const-cooldown", "--epochs_cooldown", "1", "--lr_cooldown_end", "1e-5",
+                "--lr_cooldown_power", "2"]
+    straight = run(run_life_command(colour_data, logs, "cooldown", 1, *schedule))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # Steps 9..16 cool down; the newest complete save at a kill after step N is N-2 or later (see above).
+    step = random.SystemRandom().choice(range(11, 16))
+    cmd = run_life_command(colour_data, logs, "cooldown_killed", 1, *schedule, "--save_every_steps", "1")
+    proc = start_and_wait_for_step(cmd, logs / "cooldown_killed", step)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    resumed = run(cmd + ["--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and " of 8, step " in resumed.stdout  # inside epoch 2
+    assert_bit_identical(weights(logs / "cooldown" / "checkpoints" / "epoch_2.pt"),
+                         weights(logs / "cooldown_killed" / "checkpoints" / "epoch_2.pt"), f"killed at step {step}")
+    config = read_checkpoint(logs / "cooldown" / "checkpoints" / "epoch_2.pt")["config"]
+    stored = {"lr_scheduler": "const-cooldown", "epochs_cooldown": 1, "lr_cooldown_end": 1e-5, "lr_cooldown_power": 2.0,
+              "grad_clip_norm": CLIP, "zeroshot_frequency": 1, "val_frequency": 1}
+    assert {key: config[key] for key in stored} == stored
+    params = (logs / "cooldown" / "params.txt").read_text().splitlines()
+    assert {f"{key}: {value}" for key, value in stored.items()} <= set(params)
+    # Warmup 2 steps to 5e-5, constant, then the cooldown over optimizer steps 8..15 (record N: step N-1).
+    expected = [2.5e-5, 5e-5] + [5e-5] * 6 + [1e-5 + 4e-5 * (1 - k / 7) ** 2 for k in range(8)]
+    for name in ("cooldown", "cooldown_killed"):
+        records = [json.loads(line) for line in (logs / name / "steps.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, 17))
+        assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12)
 
 
 def test_two_processes_killed_resume_on_two_exactly_and_on_one_within_float_precision(runs, colour_data):

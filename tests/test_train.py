@@ -1,23 +1,31 @@
+import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
 import torch
+from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
 
-from rankclip.errors import DataError
+from rankclip.errors import ConfigError, DataError
 from rankclip.checkpoint import Checkpointer, TrainState
-from rankclip.config import CheckpointsConfig, ObjectiveConfig, OptimConfig, RunConfig, TrainingConfig
+from rankclip.config import (LR_SCHEDULERS, CheckpointsConfig, Config, EvaluationConfig, ObjectiveConfig, OptimConfig,
+                             RunConfig, TrainingConfig, parse_config)
+from rankclip.evaluate import EvalTasks, Evaluator, RetrievalTask, ZeroShotTask
+from rankclip.report import build_report
+from rankclip.resume import ResumePoint
+from rankclip.weights import read_checkpoint
 from rankclip.runtime import Runtime
 from rankclip.logger import RunLogger
 from rankclip.losses import RankWeightSchedule, build_loss
 from rankclip.optim import build_optimizer
 from rankclip.precision import CPU_AMP_ENV, build_scaler
-from rankclip.train import MAX_LOGIT_SCALE, CosineSchedule, FailureCounter, Schedules, Trainer
+from rankclip.train import MAX_LOGIT_SCALE, LrSchedule, FailureCounter, Schedules, Trainer, lr_schedule
 
 
 def test_schedule_warms_up_from_step_zero_and_ends_at_zero():
-    schedule = CosineSchedule(base_lr=1.0, warmup_steps=10, total_steps=111)
+    schedule = LrSchedule(base_lr=1.0, warmup_steps=10, total_steps=111)
     assert schedule(0) == pytest.approx(0.1)
     assert schedule(9) == pytest.approx(1.0)
     assert schedule(10) == pytest.approx(1.0)
@@ -28,17 +36,77 @@ def test_schedule_warms_up_from_step_zero_and_ends_at_zero():
 
 
 def test_schedule_with_warmup_longer_than_the_run():
-    schedule = CosineSchedule(base_lr=2.0, warmup_steps=10_000, total_steps=5)
+    schedule = LrSchedule(base_lr=2.0, warmup_steps=10_000, total_steps=5)
     values = [schedule(s) for s in range(5)]
     assert values[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
     assert values[-1] == 0.0
-    assert CosineSchedule(1.0, 0, 1)(0) == 1.0  # a one-step run still learns
+    assert LrSchedule(1.0, 0, 1)(0) == 1.0  # a one-step run still learns
 
 
 def test_schedule_without_warmup_is_pure_cosine():
-    schedule = CosineSchedule(base_lr=1.0, warmup_steps=0, total_steps=5)
+    schedule = LrSchedule(base_lr=1.0, warmup_steps=0, total_steps=5)
     expected = [0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)]
     assert [schedule(s) for s in range(5)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("warmup", [0, 3, 10])
+def test_each_schedule_is_open_clip_trains_ended_one_step_later(warmup):
+    """open_clip_train's schedules (its own code), given one step and one cooldown step fewer: ours reach
+    their end (0, the cooldown's end lr) at the last step, where open_clip_train's stop one step short."""
+    total, cooldown, base, end, power = 40, 12, 2.0, 0.1, 2.0
+    optimizer = SimpleNamespace(param_groups=[{}])  # what open_clip_train's schedules write the lr into
+    theirs = {"cosine": cosine_lr(optimizer, base, warmup, total - 1),
+              "const": const_lr(optimizer, base, warmup, total - 1),
+              "const-cooldown": const_lr_cooldown(optimizer, base, warmup, total - 1, cooldown - 1, power, end)}
+    assert set(theirs) == set(LR_SCHEDULERS)
+    for kind, adjust in theirs.items():
+        ours = LrSchedule(base, warmup, total, kind, cooldown_steps=cooldown, cooldown_end=end, cooldown_power=power)
+        assert [ours(s) for s in range(total)] == pytest.approx([adjust(s) for s in range(total)], rel=1e-12), kind
+
+
+def test_const_and_const_cooldown_step_by_step():
+    const = LrSchedule(1.0, 4, 20, "const")
+    assert [const(s) for s in range(20)] == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 17)
+    cooldown = LrSchedule(1.0, 4, 20, "const-cooldown", cooldown_steps=6, cooldown_end=0.1, cooldown_power=2.0)
+    expected = [0.25, 0.5, 0.75] + [1.0] * 11 + [0.1 + 0.9 * (1 - k / 5) ** 2 for k in range(6)]
+    assert [cooldown(s) for s in range(20)] == pytest.approx(expected)
+    assert cooldown(19) == 0.1
+    linear = LrSchedule(1.0, 0, 10, "const-cooldown", cooldown_steps=5)
+    assert [linear(s) for s in range(10)] == pytest.approx([1.0] * 6 + [0.75, 0.5, 0.25, 0.0])
+
+
+def test_warmup_applies_to_each_schedule_also_longer_than_the_run():
+    """The warmup ends at the last-but-one step, as the cosine's does; a cooldown that began inside the warmup
+    continues from there at its own progress."""
+    assert [LrSchedule(2.0, 10_000, 5, "const")(s) for s in range(5)] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0])
+    inside = LrSchedule(1.0, 6, 10, "const-cooldown", cooldown_steps=8)  # the cooldown starts at step 2
+    assert [inside(s) for s in range(10)] == pytest.approx([(s + 1) / 6 for s in range(6)] + [3 / 7, 2 / 7, 1 / 7, 0])
+    assert LrSchedule(1.0, 0, 1, "const-cooldown", cooldown_steps=1)(0) == 0.0  # the cooldown's end
+    assert LrSchedule(1.0, 0, 1, "const")(0) == 1.0
+
+
+def test_the_cooldown_covers_the_last_epochs():
+    """--epochs_cooldown 2 of 5 epochs of 4 steps: steps 12..19 cool down (open_clip_train's cooldown_steps)."""
+    optim = OptimConfig(lr=1.0, num_warmup_steps=0, lr_scheduler="const-cooldown", epochs_cooldown=2,
+                        lr_cooldown_end=0.2, lr_cooldown_power=1.0)
+    schedule = lr_schedule(optim, epochs=5, steps_per_epoch=4)
+    assert (schedule.total_steps, schedule.cooldown_steps) == (20, 8)
+    assert [schedule(s) for s in range(20)] == pytest.approx([1.0] * 13 + [1.0 - 0.8 * k / 7 for k in range(1, 8)])
+    assert lr_schedule(OptimConfig(lr=1.0, num_warmup_steps=2), 5, 4) == LrSchedule(1.0, 2, 20)  # the default
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr_scheduler", "const-cooldown"], "needs --epochs_cooldown"),
+    (["--lr_scheduler", "const-cooldown", "--epochs_cooldown", "3", "--epochs", "2"], "longer than the run"),
+    (["--epochs_cooldown", "0"], "--epochs_cooldown must be positive"),
+    (["--lr_cooldown_power", "0"], "--lr_cooldown_power must be positive"),
+    (["--lr_cooldown_end", "-1"], "--lr_cooldown_end must not be negative"),
+    (["--grad_clip_norm", "0"], "--grad_clip_norm must be positive"),
+    (["--val_frequency", "-1"], "--val_frequency must not be negative"),
+])
+def test_bad_schedule_clipping_and_frequency_flags(colour_data, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--train_data", str(colour_data["train"]), *flags])
 
 
 def test_optimizer_excludes_norms_biases_and_logit_scale_from_weight_decay():
@@ -105,29 +173,56 @@ class ListData:
 
 
 def tiny_trainer(steps: int, accum_freq: int = 1, precision: str = "fp32", compile: bool = False,
-                 data: Optional[ListData] = None) -> Trainer:
+                 data: Optional[ListData] = None, logs: Optional[Path] = None, settings: Optional[dict] = None,
+                 checkpoints: CheckpointsConfig = CheckpointsConfig(), **training: object) -> Trainer:
+    """A Trainer of TinyTowers over ListData; with `logs` it logs every step (params.txt: `settings`), and
+    its fit checkpoints into <logs>/tiny."""
     torch.manual_seed(0)
     model, runtime = TinyTowers(), Runtime()
-    training = TrainingConfig(accum_freq=accum_freq, precision=precision, log_every_n_steps=1000)
+    training = TrainingConfig(accum_freq=accum_freq, precision=precision, log_every_n_steps=1 if logs else 1000,
+                              **training)
     state = TrainState(model, runtime.wrap(model, compile=compile), build_optimizer(model, OptimConfig(lr=1e-3)),
                        build_scaler(runtime.device, precision))
-    schedules = Schedules(lr=CosineSchedule(1e-3, 2, 100), rank_weight=RankWeightSchedule("reference", 64))
-    checkpointer = Checkpointer(CheckpointsConfig(), Path("unused"), runtime, record={})  # saves nothing
+    schedules = Schedules(lr=LrSchedule(1e-3, 2, 100), rank_weight=RankWeightSchedule("reference", 64))
+    run = RunConfig(name="tiny", logs=str(logs))
+    checkpointer = Checkpointer(checkpoints, run.run_dir, runtime,  # saves nothing unless fit runs
+                                record={"name": "tiny", "model_name": "tiny", "config": {}})
+    logger = RunLogger(run, settings or {}, enabled=logs is not None)
     return Trainer(training, runtime, state, schedules, build_loss(ObjectiveConfig()), data or ListData(steps, accum_freq),
-                   evaluator=None, checkpointer=checkpointer, logger=RunLogger(RunConfig(name="tiny"), {}, enabled=False))
+                   evaluator=None, checkpointer=checkpointer, logger=logger)
+
+
+def step_records(trainer: Trainer) -> list[dict]:
+    return [json.loads(line) for line in (trainer.logger.run_dir / "steps.jsonl").read_text().splitlines()]
+
+
+def gradient_norms_at_each_step(trainer: Trainer) -> list[float]:
+    """The global gradient norm the optimizer sees at each of its steps (after clipping and unscaling)."""
+    norms, optimizer = [], trainer.state.optimizer
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for p in trainer.state.model.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original(*args, **kwargs)
+
+    optimizer.step = step
+    return norms
 
 
 def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+@pytest.mark.parametrize("grad_clip_norm", [None, 0.5])
 @pytest.mark.parametrize("accum_freq", [1, 2])
-def test_training_steps_read_nothing_back_until_a_log_point(host_reads, accum_freq):
-    """Host reads of tensor values happen at log points and once at the end of an epoch, never per step."""
+def test_training_steps_read_nothing_back_until_a_log_point(host_reads, accum_freq, grad_clip_norm):
+    """Host reads of tensor values happen at log points and once at the end of an epoch, never per step
+    (clipping at every step included)."""
     counts = []
     for steps in (3, 9):
         host_reads.clear()
-        metrics = tiny_trainer(steps, accum_freq).train_epoch(epoch=1, weight=1.0)
+        metrics = tiny_trainer(steps, accum_freq, grad_clip_norm=grad_clip_norm).train_epoch(epoch=1, weight=1.0)
         counts.append(len(host_reads))
         assert metrics["step"] == steps and math.isfinite(metrics["loss"])
     assert counts[0] == counts[1], host_reads
@@ -202,3 +297,106 @@ def test_compiled_model_trains_like_the_eager_one():
     assert compiled.state.wrapped is not compiled.state.model  # torch.compile's wrapper ran the steps
     for key, value in parameters(eager.state.model).items():
         torch.testing.assert_close(parameters(compiled.state.model)[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp"])
+def test_clipping_bounds_the_step_gradient_and_the_log_has_the_norm_before(tmp_path, monkeypatch, precision):
+    """--grad_clip_norm: the optimizer sees the gradient scaled to the norm, unscaled under fp16 (clipping
+    the scaled gradient would leave it 1/scale of that); steps.jsonl has the norm before clipping at every
+    step, the same norm an unclipped run logs for the same first step."""
+    monkeypatch.setenv(CPU_AMP_ENV, "1")
+    trainers = {}
+    for clip in (None, 0.05):
+        trainer = trainers[clip] = tiny_trainer(4, precision=precision, logs=tmp_path / str(clip), grad_clip_norm=clip)
+        if precision == "amp":  # a scale at which this model's fp16 gradients stay finite (see the test above)
+            trainer.state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        seen = gradient_norms_at_each_step(trainer)
+        trainer.train_epoch(epoch=1, weight=1.0)
+        logged = [r["grad_norm"] for r in step_records(trainer)]
+        assert len(logged) == len(seen) == 4
+        if clip is None:
+            assert seen == pytest.approx(logged, rel=1e-5)
+        else:
+            assert min(logged) > clip  # it clipped at every step
+            assert seen == pytest.approx([clip] * 4, rel=1e-5)
+    unclipped, clipped = (step_records(trainers[c])[0]["grad_norm"] for c in (None, 0.05))
+    assert clipped == pytest.approx(unclipped, rel=1e-6)
+
+
+def test_clipping_after_gradient_caching_equals_clipping_the_whole_batch(tmp_path):
+    """The norm is the whole step's: 2 micro-batches of 8 clip like one batch of 16, to float precision."""
+    cached = ListData(4, micro_batches=2)
+    whole = ListData(4, micro_batches=1)
+    whole.batches = [{"image": torch.cat([a["image"], b["image"]]), "text": torch.cat([a["text"], b["text"]]),
+                      "failed": []} for a, b in zip(cached.batches[::2], cached.batches[1::2])]
+    runs = [tiny_trainer(4, accum_freq, data=data, logs=tmp_path / str(accum_freq), grad_clip_norm=0.05)
+            for accum_freq, data in ((2, cached), (1, whole))]
+    for trainer in runs:
+        trainer.train_epoch(epoch=1, weight=1.0)
+    norms = [[r["grad_norm"] for r in step_records(trainer)] for trainer in runs]
+    assert min(norms[1]) > 0.05 and norms[0] == pytest.approx(norms[1], rel=1e-5)
+    for key, value in parameters(runs[1].state.model).items():
+        torch.testing.assert_close(parameters(runs[0].state.model)[key], value, rtol=1e-5, atol=1e-7)
+
+
+TOP1 = [0.1, 0.9, 0.3, 0.5, 0.8, 0.2]  # a zero-shot top-1 per epoch 0..5: the best epochs differ by frequency
+
+
+def evaluator_of_numbers(trainer: Trainer, zeroshot_frequency: int, val_frequency: int) -> Evaluator:
+    """An Evaluator of validation, one zero-shot set and one retrieval CSV whose measurements are stand-ins
+    (zero-shot top-1: TOP1 of the epoch trained): what runs when is the Evaluator's own."""
+    tasks = EvalTasks(zero_shot=[ZeroShotTask("ImageNet1K", None, (), ())],
+                      retrieval=[RetrievalTask("flickr", None, (), torch.zeros(0))])
+    evaluator = Evaluator(tasks, Runtime(), validation_loader=[], loss_fn=None, tokenizer=None, logger=trainer.logger,
+                          precision="fp32", evaluation=EvaluationConfig(zeroshot_frequency=zeroshot_frequency,
+                                                                         val_frequency=val_frequency))
+
+    def epoch() -> int:
+        return trainer.state.step // trainer.data.steps
+
+    evaluator.validation = lambda model, rank_weight: {"contrastive_loss": 1.0 / (1 + epoch())}
+    evaluator.zero_shot = lambda model, task: {"zeroshot_top1": TOP1[epoch()], "eval_data_type": task.name}
+    evaluator.retrieval = lambda model, task: {"image_to_text_R@1": 0.5, "retrieval_data": task.name}
+    return evaluator
+
+
+@pytest.mark.parametrize("zeroshot_frequency, val_frequency, zeroshot_epochs, val_epochs", [
+    (1, 1, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]),
+    (2, 3, [0, 2, 4, 5], [0, 3, 5]),
+    (0, 2, [], [0, 2, 4, 5]),
+    (3, 0, [0, 3, 5], []),
+    (10, 4, [0, 5], [0, 4, 5]),
+])
+def test_evaluation_epochs_follow_the_frequencies_and_best_and_report_use_them(
+        tmp_path, zeroshot_frequency, val_frequency, zeroshot_epochs, val_epochs):
+    """After epochs divisible by N, after the last and at epoch 0 (0 = never); validation and retrieval by
+    --val_frequency, the --eval_data_type sets by --zeroshot_frequency. epoch.best.pt is the best of the
+    epochs evaluated (the others have no record, and leave it as it is), and the report reads the run."""
+    settings = Config.from_dict({"name": "tiny", "logs": str(tmp_path), "train_data": "train.csv", "epochs": 5,
+                                 "eval_data_type": ["ImageNet1K"], "eval_test_data_dir": ["zeroshot"],
+                                 "retrieval_data": ["flickr.csv"], "zeroshot_frequency": zeroshot_frequency,
+                                 "val_frequency": val_frequency}).to_dict()
+    trainer = tiny_trainer(2, logs=tmp_path, settings=settings, epochs=5,
+                           checkpoints=CheckpointsConfig(best_metric="eval/ImageNet1K/zeroshot_top1"))
+    trainer.evaluator = evaluator_of_numbers(trainer, zeroshot_frequency, val_frequency)
+    trainer.fit(ResumePoint(epoch=1, step=0))
+    run_dir = tmp_path / "tiny"
+    records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in records if r["split"] == "eval"] == zeroshot_epochs
+    assert [r["epoch"] for r in records if r["split"] == "validation"] == val_epochs
+    assert [r["epoch"] for r in records if r["split"] == "retrieval"] == val_epochs
+    trained = [e for e in zeroshot_epochs if e > 0]
+    best = run_dir / "checkpoints" / "epoch.best.pt"
+    assert best.exists() == bool(trained)
+    report, _ = build_report([run_dir])
+    zero_shot = report["tables"].get("Zero-shot accuracy", {"rows": {}})["rows"]
+    if trained:
+        best_epoch = max(trained, key=lambda e: TOP1[e])
+        assert read_checkpoint(best)["epoch"] == best_epoch
+        assert list(zero_shot.values())[0]["ImageNet1K top-1"]["mean"] == TOP1[5]  # the last epoch: always evaluated
+        at_best, _ = build_report([run_dir], at="best")
+        assert list(at_best["tables"]["Zero-shot accuracy"]["rows"].values())[0]["ImageNet1K top-1"]["mean"] == \
+            TOP1[best_epoch]
+    else:
+        assert zero_shot == {}
