@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from .config import LaunchConfig
 from .errors import ConfigError, RankCLIPError
-from .peers import Peers
+from .peers import Peers, launch_token
 from .runtime import Runtime
 from .savepoints import EXIT_PREEMPTED, Preempted
 
@@ -104,7 +104,7 @@ def _run_member(fn: Callable[[Runtime], None], runtime: Runtime, backend: Option
     store.set_timeout(PROCESS_GROUP_TIMEOUT)
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=runtime.rank,
                             world_size=runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT)
-    peers = Peers(store, runtime.rank, runtime.world_size)
+    peers = Peers(store, runtime.rank, runtime.world_size, launch_token())
     try:
         fn(dataclasses.replace(runtime, peers=peers))
     except Preempted:  # every rank stops together, after its checkpoint: not a failure
