@@ -212,10 +212,11 @@ def run_life_command(colour_data, logs, name, nproc, *extra):
     return command(colour_data, logs, name, nproc, *settings, *extra)
 
 
-def start_and_wait_for_step(cmd, run_dir, step):
+def start_and_wait_for_step(cmd, run_dir, step, env=None, preexec_fn=None):
     """Start a run in its own session; return it once steps.jsonl shows optimizer step `step`."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+                            env=env or dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            preexec_fn=preexec_fn)
     deadline = time.time() + TIMEOUT
     steps = run_dir / "steps.jsonl"
     while time.time() < deadline and proc.poll() is None:

@@ -1,14 +1,16 @@
 """Real launchers (torchrun, mp.spawn) restarting and stopping runs: gloo on the CPU, tiny runs."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from rankclip.weights import read_checkpoint
-from test_distributed import command, free_port
+from test_distributed import command, default_sigint, free_port, start_and_wait_for_step
 
 pytestmark = pytest.mark.e2e
 
@@ -47,3 +49,59 @@ def test_a_run_whose_first_torchrun_attempt_fails_continues_on_the_second(colour
     assert result.returncode == 0, output[-3000:]
     assert "after step 2 of 8" in output
     assert read_checkpoint(tmp_path / "restarted" / "checkpoints" / "epoch_1.pt")["step"] == 8
+
+
+def spawned(colour_data, logs, name: str) -> list[str]:
+    """The trainer under --distributed's mp.spawn with 2 CPU processes, one epoch of 8 steps, --resume auto."""
+    cli = command(colour_data, logs, name, 1, "--distributed_init_method", f"tcp://127.0.0.1:{free_port()}",
+                  "--resume", "auto")[3:]
+    return [sys.executable, str(TASK), "spawn", *cli]
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` exists and is no zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def assert_stopped_mid_epoch(run_dir: Path) -> None:
+    latest = read_checkpoint(run_dir / "checkpoints" / "epoch_latest.pt")
+    assert latest["world_size"] == 2 and 2 <= latest["position"]["steps_done"] < 8, latest["position"]
+
+
+def test_a_stop_signal_to_the_spawning_parent_saves_every_rank_and_exits_75(colour_data, tmp_path):
+    """`docker stop`, Kubernetes or Slurm's time limit signal the --distributed parent alone: it passes
+    the signal on (SIGUSR1 the same way) and waits; the ranks save and stop; the same command continues."""
+    stop, name = signal.SIGTERM, "spawn"
+    cmd = spawned(colour_data, tmp_path, name)
+    proc = start_and_wait_for_step(cmd, tmp_path / name, 2, environment(), default_sigint)
+    try:
+        os.kill(proc.pid, stop)
+        output = proc.communicate(timeout=TIMEOUT)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, output[-3000:]
+    assert f"stopped by {stop.name}" in output and "Traceback" not in output, output[-3000:]
+    assert_stopped_mid_epoch(tmp_path / name)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=environment())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_checkpoint(tmp_path / name / "checkpoints" / "epoch_1.pt")["step"] == 8
+
+
+def test_ranks_whose_spawning_parent_dies_save_and_stop(colour_data, tmp_path):
+    """SIGKILL to the --distributed parent (the OOM killer): torch's PDEATHSIG sends the ranks SIGINT,
+    which must not end them without a checkpoint."""
+    proc = start_and_wait_for_step(spawned(colour_data, tmp_path, "orphans"), tmp_path / "orphans", 2, environment(),
+                                   default_sigint)
+    children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=TIMEOUT)
+    deadline = time.time() + TIMEOUT
+    while any(running(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in children), "a rank outlived its parent"
+    assert_stopped_mid_epoch(tmp_path / "orphans")
