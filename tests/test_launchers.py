@@ -66,9 +66,16 @@ def running(pid: int) -> bool:
         return False
 
 
-def assert_stopped_mid_epoch(run_dir: Path) -> None:
+def assert_all_end(pids: list[int]) -> None:
+    deadline = time.time() + TIMEOUT
+    while any(running(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in pids), "a rank outlived its launcher"
+
+
+def assert_stopped_mid_epoch(run_dir: Path, world_size: int = 2) -> None:
     latest = read_checkpoint(run_dir / "checkpoints" / "epoch_latest.pt")
-    assert latest["world_size"] == 2 and 2 <= latest["position"]["steps_done"] < 8, latest["position"]
+    assert latest["world_size"] == world_size and 2 <= latest["position"]["steps_done"] < 8, latest["position"]
 
 
 def test_a_stop_signal_to_the_spawning_parent_saves_every_rank_and_exits_75(colour_data, tmp_path):
@@ -100,8 +107,58 @@ def test_ranks_whose_spawning_parent_dies_save_and_stop(colour_data, tmp_path):
                                                    text=True).stdout.split()]
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=TIMEOUT)
-    deadline = time.time() + TIMEOUT
-    while any(running(pid) for pid in children) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not any(running(pid) for pid in children), "a rank outlived its parent"
+    assert_all_end(children)
     assert_stopped_mid_epoch(tmp_path / "orphans")
+
+
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # the README's torchrun --signals_to_handle
+
+
+def torchrun_trainer(colour_data, logs, name: str, *torchrun_flags: str) -> list[str]:
+    """The trainer under a real torchrun agent, 1 worker, one epoch of 8 steps, --resume auto."""
+    cli = command(colour_data, logs, name, 1, "--resume", "auto")[3:]
+    return torchrun(1, *torchrun_flags, "-m", "rankclip.main", *cli)
+
+
+def stop_torchrun(proc: subprocess.Popen, name: str, to_workers: bool) -> str:
+    """SIGUSR1 to the torchrun agent (and to its workers, as Slurm's --signal without B: does); its output."""
+    workers = [int(pid) for pid in subprocess.run(["pgrep", "-f", "--", f"--name {name}"], capture_output=True,
+                                                  text=True).stdout.split() if int(pid) != proc.pid]
+    assert workers
+    try:
+        for pid in [proc.pid, *(workers if to_workers else [])]:
+            os.kill(pid, signal.SIGUSR1)
+        output = proc.communicate(timeout=TIMEOUT)[0]  # to its end: the workers write into the same pipe
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert_all_end(workers)
+    return output
+
+
+def test_sigusr1_to_a_torchrun_agent_that_handles_it_saves_and_the_same_command_continues(colour_data, tmp_path):
+    """The README's torchrun: --signals_to_handle ...,SIGUSR1 passes SIGUSR1 on and waits (--shutdown_timeout)
+    for the worker, which saves and exits 75; torchrun itself reports the stop as a failure (exit 1)."""
+    cmd = torchrun_trainer(colour_data, tmp_path, "agent", "--signals_to_handle", TORCHRUN_SIGNALS)
+    proc = start_and_wait_for_step(cmd, tmp_path / "agent", 2, environment(), default_sigint)
+    output = stop_torchrun(proc, "agent", to_workers=False)
+    assert proc.returncode == 1 and "SignalException" in output
+    assert "Sending process" in output and "closing signal SIGUSR1" in output
+    assert "stopped by SIGUSR1 after saving a checkpoint" in output, output[-3000:]
+    assert_stopped_mid_epoch(tmp_path / "agent", world_size=1)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=environment())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_checkpoint(tmp_path / "agent" / "checkpoints" / "epoch_1.pt")["step"] == 8
+
+
+def test_sigusr1_that_kills_a_default_torchrun_agent_and_its_store_still_saves(colour_data, tmp_path):
+    """Slurm's --signal=USR1 reaches the agent and the workers; a torchrun without SIGUSR1 in its
+    --signals_to_handle dies of it, and the store it held goes with it. The worker must still save and stop
+    rather than end itself for the lost store (in the middle of the save)."""
+    proc = start_and_wait_for_step(torchrun_trainer(colour_data, tmp_path, "plain"), tmp_path / "plain", 2,
+                                   environment(), default_sigint)
+    output = stop_torchrun(proc, "plain", to_workers=True)
+    assert proc.returncode == -signal.SIGUSR1
+    assert "stopped by SIGUSR1 after saving a checkpoint" in output and "ending this rank" not in output, \
+        output[-3000:]
+    assert_stopped_mid_epoch(tmp_path / "plain", world_size=1)
