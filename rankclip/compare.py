@@ -30,6 +30,7 @@ from .config import MULTI_VALUED, SETTINGS, Config, build_parser, demo_preset, p
 from .errors import ConfigError, RankCLIPError, ReportError
 from .plot import read_jsonl
 from .report import EXECUTION_SETTINGS, MIXED_SETTINGS, read_params, write_report
+from .savepoints import EXIT_PREEMPTED, STOP_SIGNALS
 
 # Grid axes cannot set these: compare names, places and resumes the cells itself.
 NOT_AXES = ("name", "logs", "config", "resume", "demo")
@@ -278,8 +279,9 @@ def parse_study(argv: Sequence[str]) -> Study:
 def run_cell(command: list[str]) -> tuple[int, Optional[int]]:
     """Run one cell to its end: (exit status, the signal that asked the study to stop, if one did).
 
-    Ctrl-C reaches the cell too (one process group); SIGTERM, which a scheduler sends to this
-    process, is passed on. Either way the cell ends itself, its checkpoints complete.
+    Ctrl-C reaches the cell too (one process group); the trainer's stop signals (SIGTERM, SIGUSR1),
+    which a scheduler sends to this process, are passed on. Either way the cell ends itself, its
+    checkpoints complete.
     """
     process = subprocess.Popen(command, env=cell_environment())
     stopped: list[int] = []
@@ -288,7 +290,7 @@ def run_cell(command: list[str]) -> tuple[int, Optional[int]]:
         stopped.append(signum)
         process.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         try:
             returncode = process.wait()
@@ -296,8 +298,18 @@ def run_cell(command: list[str]) -> tuple[int, Optional[int]]:
             stopped.append(signal.SIGINT)
             returncode = process.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return returncode, stopped[0] if stopped else None
+
+
+def study_stop_status(returncode: int, stopped_by: Optional[int]) -> int:
+    """compare's exit status when a cell stopped early: EXIT_PREEMPTED (75) when the cell saved and
+    stopped (or had just finished) on a stop signal, so that a job script requeues the study as it
+    would a run; 128 + the signal otherwise (Ctrl-C: 130)."""
+    if returncode == EXIT_PREEMPTED or (stopped_by in STOP_SIGNALS and returncode == 0):
+        return EXIT_PREEMPTED
+    return 128 + (stopped_by or signal.SIGINT)
 
 
 def run_study(study: Study) -> int:
@@ -314,10 +326,10 @@ def run_study(study: Study) -> int:
         start = time.perf_counter()
         returncode, stopped_by = run_cell(cell_command(cell, study.nproc_per_node))
         seconds = time.perf_counter() - start
-        if stopped_by is not None or returncode == 130:
+        if returncode == EXIT_PREEMPTED or stopped_by is not None or returncode == 130:
             print(f"rankclip.compare: stopped in cell {cell.name}; run the same command again to continue the study",
                   file=sys.stderr)
-            return 128 + (stopped_by or signal.SIGINT)
+            return study_stop_status(returncode, stopped_by)
         outcome = "done" if returncode == 0 and cell_state(cell) == FINISHED else f"failed (exit {returncode})"
         summary.append((cell.name, state, outcome, seconds))
     print(f"rankclip.compare: study {study.study_dir}")
