@@ -1,6 +1,7 @@
 """Real launchers (torchrun, mp.spawn) restarting and stopping runs: gloo on the CPU, tiny runs."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -78,24 +79,55 @@ def assert_stopped_mid_epoch(run_dir: Path, world_size: int = 2) -> None:
     assert latest["world_size"] == world_size and 2 <= latest["position"]["steps_done"] < 8, latest["position"]
 
 
-def test_a_stop_signal_to_the_spawning_parent_saves_every_rank_and_exits_75(colour_data, tmp_path):
-    """`docker stop`, Kubernetes or Slurm's time limit signal the --distributed parent alone: it passes
-    the signal on (SIGUSR1 the same way) and waits; the ranks save and stop; the same command continues."""
-    stop, name = signal.SIGTERM, "spawn"
-    cmd = spawned(colour_data, tmp_path, name)
-    proc = start_and_wait_for_step(cmd, tmp_path / name, 2, environment(), default_sigint)
+def test_sigterm_to_the_spawning_parent_saves_every_rank_and_exits_75(colour_data, tmp_path):
+    """`docker stop` or Kubernetes signal the --distributed parent alone (PID 1): it passes the signal on
+    and waits; every rank saves and stops."""
+    proc = start_and_wait_for_step(spawned(colour_data, tmp_path, "spawn"), tmp_path / "spawn", 2, environment(),
+                                   default_sigint)
     try:
-        os.kill(proc.pid, stop)
+        os.kill(proc.pid, signal.SIGTERM)
         output = proc.communicate(timeout=TIMEOUT)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, output[-3000:]
-    assert f"stopped by {stop.name}" in output and "Traceback" not in output, output[-3000:]
-    assert_stopped_mid_epoch(tmp_path / name)
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=environment())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert read_checkpoint(tmp_path / name / "checkpoints" / "epoch_1.pt")["step"] == 8
+    assert "stopped by SIGTERM" in output and "Traceback" not in output, output[-3000:]
+    assert_stopped_mid_epoch(tmp_path / "spawn")
+
+
+# The README's Slurm batch script for a launch without srun (--distributed, or torchrun whose exit status
+# says nothing about a stop): --signal=B:USR1@120 signals the batch shell alone, which passes it on.
+BATCH_SCRIPT = """
+{launch} &
+pid=$!
+trap 'stopped=1; kill -USR1 $pid' USR1
+wait $pid; status=$?
+while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done
+if [ $status -eq 75 ] || [ -n "$stopped" ]; then echo "requeue (exit $status)"; fi
+"""
+
+
+def test_the_readme_batch_script_passes_slurms_signal_on_and_requeues(colour_data, tmp_path):
+    """Slurm's --signal=B:USR1 reaches the batch shell alone: the README's script passes it on to the
+    --distributed parent, whose ranks save; it requeues, and the requeued job continues the run."""
+    launch = shlex.join(spawned(colour_data, tmp_path, "batch"))
+    script = subprocess.Popen(["bash", "-c", BATCH_SCRIPT.format(launch=launch)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=environment(), start_new_session=True)
+    try:
+        steps, deadline = tmp_path / "batch" / "steps.jsonl", time.time() + TIMEOUT
+        while not (steps.is_file() and '"step": 2,' in steps.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(script.pid, signal.SIGUSR1)
+        output = script.communicate(timeout=TIMEOUT)[0]
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+    assert "requeue (exit 75)" in output and "stopped by SIGUSR1" in output, output[-3000:]
+    assert_stopped_mid_epoch(tmp_path / "batch")
+    requeued = subprocess.run(["bash", "-c", BATCH_SCRIPT.format(launch=launch)], capture_output=True, text=True,
+                              timeout=TIMEOUT, env=environment())
+    assert requeued.returncode == 0 and "requeue" not in requeued.stdout, requeued.stderr[-3000:]
+    assert read_checkpoint(tmp_path / "batch" / "checkpoints" / "epoch_1.pt")["step"] == 8
 
 
 def test_ranks_whose_spawning_parent_dies_save_and_stop(colour_data, tmp_path):
