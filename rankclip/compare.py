@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from .config import MULTI_VALUED, SETTINGS, Config, build_parser, demo_preset, parse_config, setting_type
 from .errors import ConfigError, RankCLIPError, ReportError
+from .launch import TORCHRUN_SIGNALS
 from .plot import read_jsonl
 from .report import EXECUTION_SETTINGS, MIXED_SETTINGS, read_params, write_report
 from .savepoints import EXIT_PREEMPTED, STOP_SIGNALS
@@ -184,7 +185,7 @@ def cell_command(cell: Cell, nproc_per_node: int) -> list[str]:
     cell's epoch_latest.pt when there is one), so a printed command can be requeued as it is."""
     launcher = [sys.executable, "-m", "rankclip.main"] if nproc_per_node == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
-        "-m", "rankclip.main"]
+        "--signals_to_handle", TORCHRUN_SIGNALS, "-m", "rankclip.main"]
     return [*launcher, *cell.argv, "--resume", "auto"]
 
 
@@ -303,11 +304,13 @@ def run_cell(command: list[str]) -> tuple[int, Optional[int]]:
     return returncode, stopped[0] if stopped else None
 
 
-def study_stop_status(returncode: int, stopped_by: Optional[int]) -> int:
+def study_stop_status(returncode: int, stopped_by: Optional[int], torchrun: bool) -> int:
     """compare's exit status when a cell stopped early: EXIT_PREEMPTED (75) when the cell saved and
     stopped (or had just finished) on a stop signal, so that a job script requeues the study as it
-    would a run; 128 + the signal otherwise (Ctrl-C: 130)."""
-    if returncode == EXIT_PREEMPTED or (stopped_by in STOP_SIGNALS and returncode == 0):
+    would a run; 128 + the signal otherwise (Ctrl-C: 130). torchrun exits 1 after passing a stop
+    signal on (its SignalException), whatever its workers did."""
+    ended = (0, 1) if torchrun else (0,)
+    if returncode == EXIT_PREEMPTED or (stopped_by in STOP_SIGNALS and returncode in ended):
         return EXIT_PREEMPTED
     return 128 + (stopped_by or signal.SIGINT)
 
@@ -329,7 +332,7 @@ def run_study(study: Study) -> int:
         if returncode == EXIT_PREEMPTED or stopped_by is not None or returncode == 130:
             print(f"rankclip.compare: stopped in cell {cell.name}; run the same command again to continue the study",
                   file=sys.stderr)
-            return study_stop_status(returncode, stopped_by)
+            return study_stop_status(returncode, stopped_by, torchrun=study.nproc_per_node > 1)
         outcome = "done" if returncode == 0 and cell_state(cell) == FINISHED else f"failed (exit {returncode})"
         summary.append((cell.name, state, outcome, seconds))
     print(f"rankclip.compare: study {study.study_dir}")

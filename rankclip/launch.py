@@ -27,6 +27,10 @@ from .savepoints import EXIT_PREEMPTED, STOP_SIGNALS, Preempted
 # no rank waits long for another there.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 
+# torchrun's --signals_to_handle for a run: its default (SIGTERM,SIGINT,SIGHUP,SIGQUIT) lets SIGUSR1, Slurm's
+# usual time-limit signal, kill the agent, and with it the rendezvous store, instead of passing it on.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
 
 def resolve_device(requested: Optional[str], index: int) -> torch.device:
     """cpu, or cuda:<index> after checking that GPU exists."""

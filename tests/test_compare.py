@@ -44,7 +44,8 @@ def test_grid_expands_to_every_combination_in_order(colour_data, tmp_path):
     assert command[-11:] == ["--loss", "clip", "--seed", "0", "--inmodal", "--logs_dir", str(tmp_path / "tiny"),
                              "--name", cell.name, "--resume", "auto"]
     torchrun = compare.cell_command(cell, nproc_per_node=2)
-    assert torchrun[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    assert torchrun[1:9] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m"]
     assert torchrun[-2:] == ["--resume", "auto"]
 
 
@@ -193,6 +194,18 @@ def test_a_cell_that_stops_by_itself_stops_the_study_with_75(colour_data, tmp_pa
     assert len(launched) == 1
     err = capsys.readouterr().err
     assert "stopped in cell seed=0; run the same command again" in err and "failed" not in err
+
+
+@pytest.mark.parametrize("returncode, stopped_by, torchrun, status", [
+    (75, None, False, 75),  # the cell alone got the signal
+    (75, signal.SIGUSR1, False, 75),
+    (0, signal.SIGTERM, False, 75),  # it had just finished
+    (1, signal.SIGTERM, True, 75),  # torchrun's exit after passing the signal on
+    (1, signal.SIGTERM, False, 128 + signal.SIGTERM),  # a failure
+    (130, signal.SIGINT, False, 130),
+])
+def test_the_study_exit_status_after_a_stopped_cell(returncode, stopped_by, torchrun, status):
+    assert compare.study_stop_status(returncode, stopped_by, torchrun) == status
 
 
 def test_a_started_cell_with_other_settings_is_refused(colour_data, tmp_path):
