@@ -50,7 +50,7 @@ class Peers:
         self.store, self.rank, self.world = dist.PrefixStore(f"rankclip/{token}", store), rank, world
         self.barriers = 0
         self.stopping = False  # set by the stop-signal handler (SavePoints), read by the watcher thread
-        self.done = threading.Event()  # set when this rank stops watching: it failed or finished
+        self.done = threading.Event()  # set when this rank stops watching: failed, finished, or stopping storeless
         threading.Thread(target=self._watch, name="rankclip-peers", daemon=True).start()
 
     def _watch(self) -> None:

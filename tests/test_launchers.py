@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from rankclip.launch import TORCHRUN_SIGNALS
 from rankclip.weights import read_checkpoint
 from test_distributed import command, default_sigint, free_port, start_and_wait_for_step
 
@@ -143,7 +144,6 @@ def test_ranks_whose_spawning_parent_dies_save_and_stop(colour_data, tmp_path):
     assert_stopped_mid_epoch(tmp_path / "orphans")
 
 
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # the README's torchrun --signals_to_handle
 
 
 def torchrun_trainer(colour_data, logs, name: str, *torchrun_flags: str) -> list[str]:
@@ -171,7 +171,8 @@ def stop_torchrun(proc: subprocess.Popen, name: str, to_workers: bool) -> str:
 def test_sigusr1_to_a_torchrun_agent_that_handles_it_saves_and_the_same_command_continues(colour_data, tmp_path):
     """The README's torchrun: --signals_to_handle ...,SIGUSR1 passes SIGUSR1 on and waits (--shutdown_timeout)
     for the worker, which saves and exits 75; torchrun itself reports the stop as a failure (exit 1)."""
-    cmd = torchrun_trainer(colour_data, tmp_path, "agent", "--signals_to_handle", TORCHRUN_SIGNALS)
+    cmd = torchrun_trainer(colour_data, tmp_path, "agent", "--signals_to_handle", TORCHRUN_SIGNALS,
+                           "--shutdown_timeout", "300")
     proc = start_and_wait_for_step(cmd, tmp_path / "agent", 2, environment(), default_sigint)
     output = stop_torchrun(proc, "agent", to_workers=False)
     assert proc.returncode == 1 and "SignalException" in output
