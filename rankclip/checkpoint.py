@@ -141,7 +141,7 @@ class Checkpointer:
             remove_leftovers(self.dir)
         self.points = SavePoints(checkpoints.save_every_steps,
                                  save_interval_minutes(checkpoints.save_every_minutes, runtime.device),
-                                 runtime.world_size, runtime.is_main, self.cpu_group)
+                                 runtime.world_size, runtime.is_main, self.cpu_group, runtime.peers)
 
     def save(self, state: TrainState, epochs_done: int, position: Optional[dict], recorded: Optional[dict] = None,
              sums: Optional[dict] = None, failed: Iterable[str] = ()) -> None:

@@ -28,8 +28,10 @@ from typing import Optional, Sequence
 
 from .config import MULTI_VALUED, SETTINGS, Config, build_parser, demo_preset, parse_config, setting_type
 from .errors import ConfigError, RankCLIPError, ReportError
+from .launch import TORCHRUN_SIGNALS
 from .plot import read_jsonl
 from .report import EXECUTION_SETTINGS, MIXED_SETTINGS, read_params, write_report
+from .savepoints import EXIT_PREEMPTED, STOP_SIGNALS
 
 # Grid axes cannot set these: compare names, places and resumes the cells itself.
 NOT_AXES = ("name", "logs", "config", "resume", "demo")
@@ -183,7 +185,7 @@ def cell_command(cell: Cell, nproc_per_node: int) -> list[str]:
     cell's epoch_latest.pt when there is one), so a printed command can be requeued as it is."""
     launcher = [sys.executable, "-m", "rankclip.main"] if nproc_per_node == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
-        "-m", "rankclip.main"]
+        "--signals_to_handle", TORCHRUN_SIGNALS, "-m", "rankclip.main"]
     return [*launcher, *cell.argv, "--resume", "auto"]
 
 
@@ -278,8 +280,9 @@ def parse_study(argv: Sequence[str]) -> Study:
 def run_cell(command: list[str]) -> tuple[int, Optional[int]]:
     """Run one cell to its end: (exit status, the signal that asked the study to stop, if one did).
 
-    Ctrl-C reaches the cell too (one process group); SIGTERM, which a scheduler sends to this
-    process, is passed on. Either way the cell ends itself, its checkpoints complete.
+    Ctrl-C reaches the cell too (one process group); the trainer's stop signals (SIGTERM, SIGUSR1),
+    which a scheduler sends to this process, are passed on. Either way the cell ends itself, its
+    checkpoints complete.
     """
     process = subprocess.Popen(command, env=cell_environment())
     stopped: list[int] = []
@@ -288,7 +291,7 @@ def run_cell(command: list[str]) -> tuple[int, Optional[int]]:
         stopped.append(signum)
         process.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         try:
             returncode = process.wait()
@@ -296,8 +299,20 @@ def run_cell(command: list[str]) -> tuple[int, Optional[int]]:
             stopped.append(signal.SIGINT)
             returncode = process.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return returncode, stopped[0] if stopped else None
+
+
+def study_stop_status(returncode: int, stopped_by: Optional[int], torchrun: bool) -> int:
+    """compare's exit status when a cell stopped early: EXIT_PREEMPTED (75) when the cell saved and
+    stopped (or had just finished) on a stop signal, so that a job script requeues the study as it
+    would a run; 128 + the signal otherwise (Ctrl-C: 130). torchrun exits 1 after passing a stop
+    signal on (its SignalException), whatever its workers did."""
+    ended = (0, 1) if torchrun else (0,)
+    if returncode == EXIT_PREEMPTED or (stopped_by in STOP_SIGNALS and returncode in ended):
+        return EXIT_PREEMPTED
+    return 128 + (stopped_by or signal.SIGINT)
 
 
 def run_study(study: Study) -> int:
@@ -314,10 +329,10 @@ def run_study(study: Study) -> int:
         start = time.perf_counter()
         returncode, stopped_by = run_cell(cell_command(cell, study.nproc_per_node))
         seconds = time.perf_counter() - start
-        if stopped_by is not None or returncode == 130:
+        if returncode == EXIT_PREEMPTED or stopped_by is not None or returncode == 130:
             print(f"rankclip.compare: stopped in cell {cell.name}; run the same command again to continue the study",
                   file=sys.stderr)
-            return 128 + (stopped_by or signal.SIGINT)
+            return study_stop_status(returncode, stopped_by, torchrun=study.nproc_per_node > 1)
         outcome = "done" if returncode == 0 and cell_state(cell) == FINISHED else f"failed (exit {returncode})"
         summary.append((cell.name, state, outcome, seconds))
     print(f"rankclip.compare: study {study.study_dir}")

@@ -3,8 +3,10 @@ number of nodes) or Slurm's srun (SLURM_* variables + MASTER_ADDR/MASTER_PORT); 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
 from datetime import timedelta
 from typing import Callable, Optional
@@ -15,15 +17,19 @@ import torch.multiprocessing as mp
 
 from .config import LaunchConfig
 from .errors import ConfigError, RankCLIPError
-from .peers import Peers
+from .peers import Peers, launch_token
 from .runtime import Runtime
-from .savepoints import EXIT_PREEMPTED, Preempted
+from .savepoints import EXIT_PREEMPTED, STOP_SIGNALS, Preempted
 
 # The longest a collective waits for a peer. Ranks that wait for rank-0-only work (saving) wait in
 # Runtime.barrier, which has no limit, so this only ends a run whose peer vanished. Evaluation is
 # shared (every rank encodes its share and fits the same linear probe on the gathered features), so
 # no rank waits long for another there.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
+# torchrun's --signals_to_handle for a run: its default (SIGTERM,SIGINT,SIGHUP,SIGQUIT) lets SIGUSR1, Slurm's
+# usual time-limit signal, kill the agent, and with it the rendezvous store, instead of passing it on.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def resolve_device(requested: Optional[str], index: int) -> torch.device:
@@ -104,7 +110,7 @@ def _run_member(fn: Callable[[Runtime], None], runtime: Runtime, backend: Option
     store.set_timeout(PROCESS_GROUP_TIMEOUT)
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=runtime.rank,
                             world_size=runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT)
-    peers = Peers(store, runtime.rank, runtime.world_size)
+    peers = Peers(store, runtime.rank, runtime.world_size, launch_token())
     try:
         fn(dataclasses.replace(runtime, peers=peers))
     except Preempted:  # every rank stops together, after its checkpoint: not a failure
@@ -127,7 +133,22 @@ def process_label() -> str:
     return f"[rank {rank}] " if world > 1 else ""
 
 
+def _stop_when_orphaned() -> None:
+    """torch's spawn has a child sent SIGINT when its parent dies (PR_SET_PDEATHSIG), and the
+    KeyboardInterrupt would end it mid-step or mid-save: such a SIGINT becomes a SIGTERM (save and
+    stop). Ctrl-C, while the parent lives, keeps its usual meaning (an ignored SIGINT stays ignored)."""
+    parent, usual = os.getppid(), signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif callable(usual):
+            usual(signum, frame)
+    signal.signal(signal.SIGINT, on_sigint)
+
+
 def _spawned(local_rank: int, fn: Callable, settings: LaunchConfig, devices: list[torch.device]) -> None:
+    _stop_when_orphaned()
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(len(devices)))
     runtime = Runtime(rank=local_rank, local_rank=local_rank, world_size=len(devices), device=devices[local_rank])
     try:
@@ -140,14 +161,35 @@ def _spawned(local_rank: int, fn: Callable, settings: LaunchConfig, devices: lis
 
 
 def spawn(fn: Callable[[Runtime], None], settings: LaunchConfig, devices: list[torch.device]) -> None:
-    """One process per device on this machine (the original code's --distributed)."""
+    """One process per device on this machine (the original code's --distributed).
+
+    A stop signal to this parent (`docker stop`, Kubernetes, Slurm's time limit without srun) is
+    passed on to the children, which save and stop, while the parent goes on waiting for them: were
+    it to die of the signal, torch would end the children with SIGINT (see _stop_when_orphaned)."""
+    processes: list = []
+    received: list[str] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
-        mp.spawn(_spawned, args=(fn, settings, devices), nprocs=len(devices), join=True)
+        context = mp.start_processes(_spawned, args=(fn, settings, devices), nprocs=len(devices), join=False,
+                                     start_method="spawn")
+        processes.extend(context.processes)
+        while not context.join():
+            pass
     except mp.ProcessExitedException as e:
         if e.exit_code == EXIT_PREEMPTED:
-            raise Preempted("a stop signal") from e
+            raise Preempted(received[0] if received else "a stop signal") from e
         raise ConfigError(f"process {e.error_index} of {len(devices)} exited with code {e.exit_code}; "
                           f"its error is shown above") from e
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def launch(fn: Callable[[Runtime], None], settings: LaunchConfig) -> None:

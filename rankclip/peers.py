@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import threading
 import time
@@ -12,7 +13,18 @@ import torch.distributed as dist
 
 PEER_POLL_SECONDS = 1.0
 PEER_SILENCE_SECONDS = 30.0  # a rank whose watcher has not ticked for this long is taken for dead
+STOP_NOTICE_SECONDS = 5.0  # how long a rank that lost the store waits for a stop signal to reach its main thread
 FAILED_KEY = "failed"
+
+
+def launch_token() -> str:
+    """A name for this launch's keys in the rendezvous store, the same on every rank: rank 0's, sent
+    over the process group (a collective). torchrun keeps its store across --max_restarts, so fixed
+    names would show a restarted attempt the failed one's `failed` key and barrier counts; torchrun's
+    restart count is no such name, as the agents of different nodes may count restarts differently."""
+    token = [secrets.token_hex(8)]
+    dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 class Peers:
@@ -27,12 +39,18 @@ class Peers:
     finished, for killed (the OOM killer), and ends the run.
 
     `barrier` meets in the store rather than in a collective, so ranks may wait there any time.
+    The keys live under `token` (launch_token), new for each launch.
+
+    A rank that is stopping (`stopping`: a stop signal arrived, it saves and exits with its code)
+    does without the store: torchrun's agent, which holds it there, may die of the same signal
+    (SIGUSR1 unless torchrun handles it), and the save must not be cut short by it.
     """
 
-    def __init__(self, store: dist.Store, rank: int, world: int) -> None:
-        self.store, self.rank, self.world = dist.PrefixStore("rankclip", store), rank, world
+    def __init__(self, store: dist.Store, rank: int, world: int, token: str) -> None:
+        self.store, self.rank, self.world = dist.PrefixStore(f"rankclip/{token}", store), rank, world
         self.barriers = 0
-        self.done = threading.Event()  # set when this rank stops watching: it failed or finished
+        self.stopping = False  # set by the stop-signal handler (SavePoints), read by the watcher thread
+        self.done = threading.Event()  # set when this rank stops watching: failed, finished, or stopping storeless
         threading.Thread(target=self._watch, name="rankclip-peers", daemon=True).start()
 
     def _watch(self) -> None:
@@ -60,13 +78,19 @@ class Peers:
         return None
 
     def _ask(self, question: Callable):
-        """The store's answer; a rank that cannot reach the store any more ends, unless it is done."""
+        """The store's answer, or None once it cannot be reached: a rank that is neither done nor
+        stopping then ends, after giving a stop signal that killed the store's host (torchrun's
+        agent) STOP_NOTICE_SECONDS to reach this rank's main thread, which may be inside a step."""
         try:
             return question()
         except RuntimeError:
-            if self.done.is_set():
-                return None
-            self._end("rank 0, which holds the run's store, is gone")
+            deadline = time.monotonic() + STOP_NOTICE_SECONDS
+            while not (self.done.is_set() or self.stopping) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not (self.done.is_set() or self.stopping):
+                self._end("the run's store (in rank 0, or in torchrun's agent) is gone")
+            self.done.set()
+            return None
 
     def _end(self, reason: str) -> None:
         if not self.done.is_set():
@@ -78,7 +102,12 @@ class Peers:
         self.barriers += 1
         key = f"barrier{self.barriers}"
         self._ask(lambda: self.store.add(key, 1))
-        self._wait_until(lambda: self._ask(lambda: self.store.add(key, 0)) >= self.world)
+        self._wait_until(lambda: self._count(key) >= self.world)
+
+    def _count(self, key: str) -> int:
+        """A barrier's count; without the store (a stopping rank) there is nobody left to wait for."""
+        count = self._ask(lambda: self.store.add(key, 0))
+        return self.world if count is None else count
 
     def announce_failure(self) -> None:
         self.done.set()

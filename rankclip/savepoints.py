@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .peers import Peers
+
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped after saving; the same command continues the run
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -41,9 +43,9 @@ class SavePoints:
     """Decides, at each step boundary and identically on every rank, whether to save and whether to stop."""
 
     def __init__(self, every_steps: int, every_minutes: float, world_size: int, is_main: bool,
-                 group: Optional[dist.ProcessGroup]) -> None:
+                 group: Optional[dist.ProcessGroup], peers: Optional[Peers] = None) -> None:
         self.every_steps, self.every_seconds = every_steps, every_minutes * 60
-        self.world_size, self.is_main, self.group = world_size, is_main, group
+        self.world_size, self.is_main, self.group, self.peers = world_size, is_main, group, peers
         self.signal_name: Optional[str] = None
         self.last_save = time.monotonic()
         self._previous: dict[int, object] = {}
@@ -70,6 +72,12 @@ class SavePoints:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal_name = signal.Signals(signum).name
+        self._stopping()
+
+    def _stopping(self) -> None:
+        """Tell Peers that this rank now saves and stops: it needs the store no longer (see Peers)."""
+        if self.peers is not None:
+            self.peers.stopping = True
 
     def at_step(self, step: int, may_save: bool = True) -> tuple[bool, bool]:
         """(save now, stop after saving), agreed by all ranks. Collective when there are several."""
@@ -81,6 +89,8 @@ class SavePoints:
             flags = torch.tensor([int(due), int(stop)], dtype=torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             due, stop = bool(flags[0]), bool(flags[1])
+        if stop:
+            self._stopping()
         return due or stop, stop
 
     def saved(self) -> None:

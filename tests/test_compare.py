@@ -44,7 +44,8 @@ def test_grid_expands_to_every_combination_in_order(colour_data, tmp_path):
     assert command[-11:] == ["--loss", "clip", "--seed", "0", "--inmodal", "--logs_dir", str(tmp_path / "tiny"),
                              "--name", cell.name, "--resume", "auto"]
     torchrun = compare.cell_command(cell, nproc_per_node=2)
-    assert torchrun[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    assert torchrun[1:9] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m"]
     assert torchrun[-2:] == ["--resume", "auto"]
 
 
@@ -159,16 +160,18 @@ def test_rerun_skips_finished_cells_and_resumes_interrupted_ones(colour_data, tm
     assert "2 cells did not finish" in err
 
 
-def test_sigterm_is_passed_to_the_cell_and_stops_the_study(colour_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_is_passed_to_the_cell_and_stops_the_study_with_75(colour_data, tmp_path, monkeypatch, capsys,
+                                                                          stop):
     signals, launched = [], []
 
-    class FakeProcess:  # the scheduler's SIGTERM arrives while the first cell runs
+    class FakeProcess:  # the scheduler's signal arrives while the first cell runs; the cell saves, exits 75
         def __init__(self, command, env):
             launched.append(command)
 
         def wait(self):
-            os.kill(os.getpid(), signal.SIGTERM)
-            return 0
+            os.kill(os.getpid(), stop)
+            return 75
 
         def send_signal(self, signum):
             signals.append(signum)
@@ -177,14 +180,45 @@ def test_sigterm_is_passed_to_the_cell_and_stops_the_study(colour_data, tmp_path
         signals.append("outside")
 
     monkeypatch.setattr(compare.subprocess, "Popen", FakeProcess)
-    previous = signal.signal(signal.SIGTERM, outside)
+    previous = signal.signal(stop, outside)
     try:
-        assert compare.main(study_flags(colour_data, tmp_path, "seed=0,1")) == 128 + signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is outside  # restored after the cell
+        assert compare.main(study_flags(colour_data, tmp_path, "seed=0,1")) == 75
+        assert signal.getsignal(stop) is outside  # restored after the cell
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert signals == [signal.SIGTERM] and len(launched) == 1
+        signal.signal(stop, previous)
+    assert signals == [stop] and len(launched) == 1
     assert "stopped in cell seed=0; run the same command again" in capsys.readouterr().err
+
+
+def test_a_cell_that_stops_by_itself_stops_the_study_with_75(colour_data, tmp_path, monkeypatch, capsys):
+    """The signal reached the trainer only (e.g. its own PID): it saved and exited 75. The study must not
+    record it as failed and go on to the next cell on a machine that is being taken away."""
+    launched = []
+
+    class FakeProcess:
+        def __init__(self, command, env):
+            launched.append(command)
+
+        def wait(self):
+            return 75
+
+    monkeypatch.setattr(compare.subprocess, "Popen", FakeProcess)
+    assert compare.main(study_flags(colour_data, tmp_path, "seed=0,1")) == 75
+    assert len(launched) == 1
+    err = capsys.readouterr().err
+    assert "stopped in cell seed=0; run the same command again" in err and "failed" not in err
+
+
+@pytest.mark.parametrize("returncode, stopped_by, torchrun, status", [
+    (75, None, False, 75),  # the cell alone got the signal
+    (75, signal.SIGUSR1, False, 75),
+    (0, signal.SIGTERM, False, 75),  # it had just finished
+    (1, signal.SIGTERM, True, 75),  # torchrun's exit after passing the signal on
+    (1, signal.SIGTERM, False, 128 + signal.SIGTERM),  # a failure
+    (130, signal.SIGINT, False, 130),
+])
+def test_the_study_exit_status_after_a_stopped_cell(returncode, stopped_by, torchrun, status):
+    assert compare.study_stop_status(returncode, stopped_by, torchrun) == status
 
 
 def test_a_started_cell_with_other_settings_is_refused(colour_data, tmp_path):

@@ -246,10 +246,11 @@ def test_ranks_draw_their_own_masks_and_resume_them_exactly(colour_data, tmp_pat
 
 # ---- Run life: kill -9 at a random step, preemption signals, resume on another number of processes.
 
-def start_and_wait_for_step(cmd, run_dir, step):
+def start_and_wait_for_step(cmd, run_dir, step, env=None, preexec_fn=None):
     """Start a run in its own session; return it once steps.jsonl shows optimizer step `step`."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+                            env=env or dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            preexec_fn=preexec_fn)
     deadline = time.time() + TIMEOUT
     steps = run_dir / "steps.jsonl"
     while time.time() < deadline and proc.poll() is None:
