@@ -301,14 +301,15 @@ class RetrievalSet:
     caption_image: torch.Tensor  # [T] long
 
 
-def load_retrieval_set(path: str | Path, layout: CsvLayout, transform: Callable) -> RetrievalSet:
-    """An image-caption CSV as a retrieval set: rows with the same image path share the image."""
+def load_retrieval_set(path: str | Path, layout: CsvLayout, transform: Callable, name: str) -> RetrievalSet:
+    """An image-caption CSV as a retrieval set recorded as `name` (EvaluationConfig.retrieval_names):
+    rows with the same image path share the image."""
     rows = open_caption_rows(path, layout)
     captions = [rows.caption(i) for i in range(len(rows))]
     index: dict[str, int] = {}
     caption_image = [index.setdefault(rows.image(i), len(index)) for i in range(len(rows))]
     images = LabeledImages(list(index), range(len(index)), transform)
-    return RetrievalSet(Path(path).stem, images, captions, torch.tensor(caption_image))
+    return RetrievalSet(name, images, captions, torch.tensor(caption_image))
 
 
 def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -100,8 +100,8 @@ def build_eval_tasks(evaluation: EvaluationConfig, runtime: Runtime, transform: 
         else:
             zero_shot.append(ZeroShotTask(name, loader(test.dataset), *test.require_prompts()))
     retrieval = []
-    for path in evaluation.retrieval_data or ():
-        data = load_retrieval_set(path, layout, transform)
+    for path, name in zip(evaluation.retrieval_data or (), evaluation.retrieval_names):
+        data = load_retrieval_set(path, layout, transform, name)
         retrieval.append(RetrievalTask(data.name, loader(data.images), data.captions, data.caption_image))
     return EvalTasks(zero_shot, probes, retrieval)
 
