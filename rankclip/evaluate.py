@@ -127,9 +127,10 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[st
     return gather_rows(features, device)
 
 
-def progress(loader: torch.utils.data.DataLoader, desc: str) -> Iterator:
-    """The loader's batches, with a progress bar counted in this process's images (so it shows images/s)."""
-    with tqdm(total=len(loader.sampler), desc=desc, unit="img", leave=False) as bar:
+def progress(loader: torch.utils.data.DataLoader, desc: str, show: bool) -> Iterator:
+    """The loader's batches, with a progress bar counted in this process's images (so it shows images/s)
+    when `show` (the main process: one bar, not one per rank)."""
+    with tqdm(total=len(loader.sampler), desc=desc, unit="img", leave=False, disable=not show) as bar:
         for batch in loader:
             yield batch
             images, _, unreadable = batch
@@ -158,6 +159,7 @@ class Evaluator:
     def __init__(self, tasks: EvalTasks, runtime: Runtime, *, validation_loader: Optional[torch.utils.data.DataLoader],
                  loss_fn: torch.nn.Module, tokenizer: Callable, logger: RunLogger, precision: str) -> None:
         self.device, self.autocast = runtime.device, partial(autocast, runtime.device, precision)
+        self.show_progress = runtime.is_main
         self.loss_fn, self.validation_loader, self.tokenizer, self.logger = loss_fn, validation_loader, tokenizer, logger
         self.zero_shot_tasks, self.probes, self.retrievals = tasks.zero_shot, tasks.probes, tasks.retrieval
 
@@ -184,7 +186,7 @@ class Evaluator:
         """Loss parts (`validation_losses`) and the representation analysis of all readable validation
         pairs; unreadable rows are skipped, counted (`skipped_samples`) and reported."""
         image_parts, text_parts, failed = [], [], []
-        for batch in tqdm(self.validation_loader, desc="validation", leave=False):
+        for batch in tqdm(self.validation_loader, desc="validation", leave=False, disable=not self.show_progress):
             failed += batch["failed"]
             if "image" not in batch:
                 continue
@@ -213,7 +215,7 @@ class Evaluator:
         if rank_and_world()[1] > 1:
             log.info(f"{desc}: {len(loader.sampler)} of {len(loader.dataset)} images encoded by this process")
         features, labels, unreadable = [], [], 0
-        for images, batch_labels, bad in progress(loader, desc):
+        for images, batch_labels, bad in progress(loader, desc, self.show_progress):
             unreadable += bad
             if batch_labels.numel() == 0:
                 continue

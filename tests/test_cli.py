@@ -302,9 +302,14 @@ def test_every_objective_trains_end_to_end(colour_data, tmp_path, objective):
 def test_wandb_logs_offline(colour_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    assert main(flags(colour_data, tmp_path, "tracked", "--epochs", "1", "--wandb", evaluate=False)) == 0
+    argv = flags(colour_data, tmp_path, "tracked", "--epochs", "1", "--wandb", "--resume", "auto", evaluate=False)
+    assert main(argv) == 0
     runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert main(argv) == 0  # a requeue continues the same W&B run (the folder keeps its id)
+    run_id = (tmp_path / "tracked" / "wandb_run_id.txt").read_text().strip()
+    runs = sorted((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs), runs
 
 
 @pytest.fixture(scope="module")
