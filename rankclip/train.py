@@ -74,7 +74,14 @@ def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, prec
 
 
 class FailureCounter:
-    """Counts unreadable training images per epoch and stops the run past FAILURE_LIMIT."""
+    """Counts this process's unreadable training images of an epoch; the run stops once more than
+    FAILURE_LIMIT of the epoch's `num_samples` (all processes together) cannot be read.
+
+    The limit is global: each process checks the count of all processes (`check_total`, given the
+    all-reduced count) at log points and at the epoch's end, and stops at once when its own count
+    alone is past the limit. A per-process share of the limit would stop a run whose unreadable
+    images sit unevenly, and one resumed mid-epoch on fewer processes, where rank 0 takes over the
+    counts of all the old ranks."""
 
     def __init__(self, num_samples: int) -> None:
         self.num_samples = num_samples
@@ -82,10 +89,14 @@ class FailureCounter:
 
     def add(self, paths: list[str]) -> None:
         self.failed.update(paths)
-        if len(self.failed) > FAILURE_LIMIT * self.num_samples:
-            examples = ", ".join(sorted(self.failed)[:3])
-            raise DataError(f"{len(self.failed)} of {self.num_samples} training images cannot be read "
-                            f"(over {FAILURE_LIMIT:.0%}), e.g. {examples}; fix or remove them from the CSV")
+        self.check_total(len(self.failed))
+
+    def check_total(self, count: int) -> None:
+        """Stop (DataError) when `count` unreadable images, this process's or all processes', are too many."""
+        if count > FAILURE_LIMIT * self.num_samples:
+            examples = f", e.g. {', '.join(sorted(self.failed)[:3])}" if self.failed else ""
+            raise DataError(f"{count} of {self.num_samples} training images cannot be read "
+                            f"(over {FAILURE_LIMIT:.0%}){examples}; fix or remove them from the CSV")
 
 
 @dataclass(frozen=True)
@@ -183,7 +194,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
         num_steps = self.data.steps
         every = self.training.log_every_n_steps or progress_interval(num_steps)
-        failures = FailureCounter(self.data.num_samples // self.runtime.world_size)  # this process's share
+        failures = FailureCounter(self.data.num_samples)
         # Running sums stay on the device and are read at log and save points only: a .item() per step
         # would make the host wait for the GPU's queue to drain at every step.
         totals: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float64, device=self.runtime.device)
@@ -227,6 +238,7 @@ class Trainer:
                 log.info(f"epoch {epoch} [{i + 1}/{num_steps}] {parts} lr {lr:.3e} "
                          f"logit_scale {logit_scale.item():.2f} samples/s {rate:.1f}")
                 self.logger.step(state.step, epoch, values | {"lr": lr})
+                failures.check_total(int(self.runtime.all_sum([len(failures.failed)])[0]))
                 interval_start, interval_samples = time.perf_counter(), 0
             save, stop = points.at_step(state.step, may_save=i + 1 < num_steps)
             if save:
@@ -241,6 +253,7 @@ class Trainer:
         keys = sorted(totals)
         local = read_sums(totals)  # the epoch's one read
         summed = self.runtime.all_sum([local[k] / self.runtime.world_size for k in keys] + [len(failures.failed)])
+        failures.check_total(int(summed[-1]))
         metrics = {k: v / max(seen, 1) for k, v in zip(keys, summed)}
         rate = (seen - seen_before) / max(elapsed, 1e-9)
         metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,
