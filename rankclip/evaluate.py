@@ -163,22 +163,38 @@ class Evaluator:
         self.loss_fn, self.validation_loader, self.tokenizer, self.logger = loss_fn, validation_loader, tokenizer, logger
         self.zero_shot_tasks, self.probes, self.retrievals = tasks.zero_shot, tasks.probes, tasks.retrieval
 
-    def run(self, model: torch.nn.Module, epoch: int, rank_weight: float) -> dict[str, float]:
+    @property
+    def has_tasks(self) -> bool:
+        """Whether an evaluation records anything (validation or any set)."""
+        return bool(self.validation_loader is not None or self.zero_shot_tasks or self.probes or self.retrievals)
+
+    def tasks(self, model: torch.nn.Module, rank_weight: float) -> Iterator[tuple[str, Callable[[], dict]]]:
+        """(split, the task's metrics when called) of each evaluation, in order."""
+        if self.validation_loader is not None:
+            yield "validation", partial(self.validation, model, rank_weight)
+        for task in self.zero_shot_tasks:
+            yield "eval", partial(self.zero_shot, model, task)
+        for task in self.probes:
+            yield "eval", partial(self.linear_probe, model, task)
+        for task in self.retrievals:
+            yield "retrieval", partial(self.retrieval, model, task)
+
+    def run(self, model: torch.nn.Module, epoch: int, rank_weight: float,
+            between: Optional[Callable[[], None]] = None) -> dict[str, float]:
         """Evaluate `model` (unwrapped; every process calls this); returns every number recorded, by its
         full name ("validation/contrastive_loss", "eval/ImageNet1K/zeroshot_top1"); {} on other ranks
-        (their logger records nothing)."""
+        (their logger records nothing). `between` runs before each task, on every rank: a training
+        run's stop check, which ends a long evaluation by raising."""
         was_training = model.training
         model.eval()
         recorded: dict[str, float] = {}
-        if self.validation_loader is not None:
-            recorded |= self.logger.results(epoch, "validation", self.validation(model, rank_weight))
-        for task in self.zero_shot_tasks:
-            recorded |= self.logger.results(epoch, "eval", self.zero_shot(model, task))
-        for task in self.probes:
-            recorded |= self.logger.results(epoch, "eval", self.linear_probe(model, task))
-        for task in self.retrievals:
-            recorded |= self.logger.results(epoch, "retrieval", self.retrieval(model, task))
-        model.train(was_training)
+        try:
+            for split, task in self.tasks(model, rank_weight):
+                if between is not None:
+                    between()
+                recorded |= self.logger.results(epoch, split, task())
+        finally:
+            model.train(was_training)
         return recorded
 
     @torch.no_grad()

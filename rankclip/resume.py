@@ -120,7 +120,8 @@ def _fallback(folder: Path) -> str:
 class ResumePoint:
     """Where a resumed run continues: `epoch` is the next epoch to train, of which `steps_done`
     steps (and `seen` samples) are already trained; `sums` and `failed` are this rank's share of
-    that partial epoch's loss sums and unreadable images."""
+    that partial epoch's loss sums and unreadable images. `trained` is the epoch's training record
+    when all its steps were trained and saved before its evaluation: then only the evaluation is left."""
 
     epoch: int
     step: int
@@ -128,6 +129,7 @@ class ResumePoint:
     seen: int = 0
     sums: dict = field(default_factory=dict)
     failed: tuple = ()
+    trained: Optional[dict] = None
 
 
 def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, steps_per_epoch: int,
@@ -153,7 +155,7 @@ def restore_training(obj: dict, state: TrainState, checkpointer: Checkpointer, s
     if not position:
         return ResumePoint(epoch + 1, step)
     return ResumePoint(int(position["epoch"]), step, int(position["steps_done"]), int(position["seen"]),
-                       dict(own.get("sums", {})), tuple(own.get("failed", ())))
+                       dict(own.get("sums", {})), tuple(own.get("failed", ())), position.get("train"))
 
 
 def restore_rank_state(obj: dict, runtime: Runtime, seed: int, step: int) -> dict:

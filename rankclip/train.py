@@ -128,20 +128,30 @@ class Trainer:
     logger: RunLogger
 
     def fit(self, resume: ResumePoint) -> None:
-        """Train from `resume` to the last epoch; SIGTERM/SIGUSR1 end it with a checkpoint (Preempted)."""
+        """Train from `resume` to the last epoch; SIGTERM/SIGUSR1 end it with a checkpoint (Preempted).
+
+        An epoch's training is saved before its evaluation (a mid-epoch-style epoch_latest.pt at its
+        last step, holding the epoch's training record), so a kill or a failure during a long
+        evaluation loses no training, and a stop signal ends the evaluation between two of its tasks.
+        A run resumed from that checkpoint evaluates the epoch (its records of it are dropped by
+        RunLogger.rewind and written again); epoch_<N>.pt and the best epoch follow the evaluation."""
         points = self.checkpointer.points
         points.install()
         try:
             if resume.epoch == 1 and resume.steps_done == 0:
-                self.evaluator.run(self.state.model, epoch=0, rank_weight=self.schedules.rank_weight(0))
-                self.runtime.barrier()
+                self.evaluate(0, self.schedules.rank_weight(0), saved=False)
             for epoch in range(resume.epoch, self.training.epochs + 1):
                 weight = self.schedules.rank_weight(epoch)
-                train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None)
-                self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
+                if epoch == resume.epoch and resume.trained is not None:  # trained and saved, not evaluated
+                    train_metrics = resume.trained
+                else:
+                    train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None)
+                    if self.evaluator.has_tasks:
+                        position = {"epoch": epoch, "steps_done": self.data.steps,
+                                    "seen": train_metrics["num_samples"], "train": train_metrics}
+                        self.checkpointer.save(self.state, epoch - 1, position)
                 self.logger.results(epoch, "train", train_metrics)
-                recorded = self.evaluator.run(self.state.model, epoch=epoch, rank_weight=weight)
-                self.runtime.barrier()
+                recorded = self.evaluate(epoch, weight)
                 self.checkpointer.save(self.state, epoch, position=None, recorded=recorded)
                 if points.at_step(self.state.step, may_save=False)[1]:
                     raise Preempted(points.stop_reason())
@@ -154,6 +164,33 @@ class Trainer:
             self.checkpointer.wait()  # the last checkpoint is on disk before the run ends, however it ends
             points.uninstall()
         self.logger.write_curves()
+
+    def evaluate(self, epoch: int, weight: float, saved: bool = True) -> dict[str, float]:
+        """The evaluation after `epoch` (0: before training), on every rank; a stop signal ends it
+        between two tasks (Preempted; `saved`: whether the state evaluated is on disk)."""
+        self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
+        self.runtime.barrier()  # the other ranks wait for rank 0's write here, not in a collective
+        points = self.checkpointer.points
+
+        def stop_if_signalled() -> None:
+            if points.at_step(self.state.step, may_save=False)[1]:
+                raise Preempted(points.stop_reason(), saved)
+
+        recorded = self.evaluator.run(self.state.model, epoch=epoch, rank_weight=weight, between=stop_if_signalled)
+        self.runtime.barrier()
+        return recorded
+
+    def save_or_stop(self, epoch: int, steps_done: int, seen: int, totals: dict[str, torch.Tensor],
+                     failed: set[str], bar: tqdm) -> None:
+        """At a step boundary inside an epoch: a timed or signalled save of the position, and the stop."""
+        points = self.checkpointer.points
+        save, stop = points.at_step(self.state.step)
+        if save:
+            self.checkpointer.save(self.state, epoch - 1, {"epoch": epoch, "steps_done": steps_done, "seen": seen},
+                                   sums=read_sums(totals), failed=failed)
+        if stop:
+            bar.close()
+            raise Preempted(points.stop_reason())
 
     def micro_batch_groups(self) -> Iterator[list[dict]]:
         """The loader's batches, `accum_freq` at a time: the micro-batches of one optimizer step."""
@@ -185,7 +222,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int, weight: float, resume: Optional[ResumePoint] = None) -> dict:
         """One epoch, or the rest of one that a mid-epoch checkpoint (`resume`) stopped in."""
-        state, points = self.state, self.checkpointer.points
+        state = self.state
         state.wrapped.train()
         start_step = resume.steps_done if resume is not None else 0
         self.data.set_epoch(epoch, start_step)
@@ -240,13 +277,8 @@ class Trainer:
                 self.logger.step(state.step, epoch, values | {"lr": lr})
                 failures.check_total(int(self.runtime.all_sum([len(failures.failed)])[0]))
                 interval_start, interval_samples = time.perf_counter(), 0
-            save, stop = points.at_step(state.step, may_save=i + 1 < num_steps)
-            if save:
-                self.checkpointer.save(state, epoch - 1, {"epoch": epoch, "steps_done": i + 1, "seen": seen},
-                                       sums=read_sums(totals), failed=failures.failed)
-            if stop:
-                bar.close()
-                raise Preempted(points.stop_reason())
+            if i + 1 < num_steps:  # the epoch's end is saved, and a stop signal heeded there, by `fit`
+                self.save_or_stop(epoch, i + 1, seen, totals, failures.failed, bar)
         bar.close()
         elapsed = time.perf_counter() - start
         # Each rank's loss is its rows' share of the global loss: the mean over ranks is the global value.
@@ -258,7 +290,7 @@ class Trainer:
         rate = (seen - seen_before) / max(elapsed, 1e-9)
         metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,
                        samples_per_second_per_process=rate / self.runtime.world_size,
-                       skipped_samples=int(summed[-1]), step=state.step)
+                       skipped_samples=int(summed[-1]), num_samples=seen, step=state.step)
         if on_gpu:  # this process's peak of allocated tensors (the caching allocator reserves more)
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
         if failures.failed:
