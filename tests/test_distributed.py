@@ -500,3 +500,18 @@ def test_a_stop_or_kill_during_evaluation_loses_no_training_and_the_resume_evalu
                          weights(run_dir / "checkpoints" / "epoch_2.pt"), f"{stop.name} during evaluation")
     best = [read_checkpoint(folder / "checkpoints" / "epoch.best.pt") for folder in (tmp_path / "straight", run_dir)]
     assert (best[1]["epoch"], best[1]["best_value"]) == (best[0]["epoch"], best[0]["best_value"])
+
+
+def test_a_stop_during_the_evaluation_before_training_saves_nothing_and_the_same_command_starts_again(
+        colour_data, straight):
+    tmp_path, held = straight
+    cmd = evaluated_run(colour_data, tmp_path, "stopped_at_0", held)
+    output, code, _ = served(cmd, held, act=lambda proc: os.kill(proc.pid, signal.SIGUSR1), at=1)
+    assert code == 75 and output.count("stopped by SIGUSR1 before training, with nothing to save") == 1, output[-3000:]
+    run_dir = tmp_path / "stopped_at_0"
+    assert [(r["epoch"], r["split"]) for r in results_of(run_dir)] == [(0, "validation")]
+    assert not list((run_dir / "checkpoints").glob("*.pt"))
+    again, code, _ = served(cmd, held)
+    assert code == 0, again[-3000:]
+    expected = results_of(tmp_path / "straight")
+    assert [(r["epoch"], r["split"]) for r in results_of(run_dir)] == [(r["epoch"], r["split"]) for r in expected]
