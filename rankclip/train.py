@@ -145,11 +145,8 @@ class Trainer:
                 if epoch == resume.epoch and resume.trained is not None:  # trained and saved, not evaluated
                     train_metrics = resume.trained
                 else:
-                    train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None)
-                    if self.evaluator.has_tasks:
-                        position = {"epoch": epoch, "steps_done": self.data.steps,
-                                    "seen": train_metrics["num_samples"], "train": train_metrics}
-                        self.checkpointer.save(self.state, epoch - 1, position)
+                    train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None,
+                                                     save_at_end=self.evaluator.has_tasks)
                 self.logger.results(epoch, "train", train_metrics)
                 recorded = self.evaluate(epoch, weight)
                 self.checkpointer.save(self.state, epoch, position=None, recorded=recorded)
@@ -220,8 +217,11 @@ class Trainer:
         self.backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}, features["logit_scale"].detach()
 
-    def train_epoch(self, epoch: int, weight: float, resume: Optional[ResumePoint] = None) -> dict:
-        """One epoch, or the rest of one that a mid-epoch checkpoint (`resume`) stopped in."""
+    def train_epoch(self, epoch: int, weight: float, resume: Optional[ResumePoint] = None,
+                    save_at_end: bool = False) -> dict:
+        """One epoch, or the rest of one that a mid-epoch checkpoint (`resume`) stopped in. With
+        `save_at_end` (an evaluation follows) its end is saved as a position after its last step,
+        with its training record (`train`), before `fit` evaluates it."""
         state = self.state
         state.wrapped.train()
         start_step = resume.steps_done if resume is not None else 0
@@ -290,10 +290,13 @@ class Trainer:
         rate = (seen - seen_before) / max(elapsed, 1e-9)
         metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,
                        samples_per_second_per_process=rate / self.runtime.world_size,
-                       skipped_samples=int(summed[-1]), num_samples=seen, step=state.step)
+                       skipped_samples=int(summed[-1]), step=state.step)
         if on_gpu:  # this process's peak of allocated tensors (the caching allocator reserves more)
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**30
         if failures.failed:
             log.warning(f"epoch {epoch}: skipped {len(failures.failed)} unreadable images, e.g. "
                         f"{sorted(failures.failed)[0]}")
+        if save_at_end:
+            self.checkpointer.save(state, epoch - 1, {"epoch": epoch, "steps_done": num_steps, "seen": seen,
+                                                      "train": metrics})
         return metrics
