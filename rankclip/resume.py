@@ -43,7 +43,7 @@ def check_resumed_config(obj: dict, path: str | Path, settings: dict, world_size
         raise CheckpointError(f"--resume {path}: the checkpoint was written with other settings: {changes}; "
                           f"resume with the run's settings, or pass --resume_allow_changes")
     position = obj.get("position")
-    if position:
+    if position and position.get("train") is None:  # an epoch's end before its evaluation places no data
         done = int(obj["epoch"])
         fallback = (f"resume from {Path(path).parent / f'epoch_{done}.pt'} (the end of epoch {done})" if done
                     else "start the run afresh")

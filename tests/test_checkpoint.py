@@ -187,3 +187,13 @@ def test_a_mid_epoch_position_is_kept_only_where_it_stays_exact(tmp_path):
     csv = Config.from_dict(dict(name="run", train_data="train.csv", dataset_type="csv", resume_allow_changes=True))
     csv_checkpoint = dict(mid_epoch_checkpoint(), config=csv.to_dict() | {"epochs": 10})
     check_resumed_config(csv_checkpoint, path, csv.to_dict(), world_size=1)  # CSV: any world size; the epochs may change
+
+
+def test_an_epoch_saved_before_its_evaluation_continues_on_other_streams(tmp_path):
+    """Stopped during the evaluation after epoch 3: nothing of the epoch is left to read, so another
+    number of processes or data workers (a node lost while requeued) continues it."""
+    cfg = Config.from_dict(dict(name="run", train_data="train.csv", dataset_type="webdataset", train_num_samples=256,
+                                num_workers=2)).to_dict()
+    trained = mid_epoch_checkpoint()
+    trained["position"] |= {"steps_done": 8, "train": {"loss": 1.0}}
+    check_resumed_config(trained, tmp_path / "checkpoints" / "epoch_latest.pt", cfg, world_size=1)
