@@ -259,11 +259,27 @@ class EvaluationConfig:
 
     @property
     def retrieval_names(self) -> list[str]:
-        """The names retrieval results are recorded under: each CSV's file stem."""
-        return [Path(p).stem for p in self.retrieval_data or ()]
+        """The names retrieval results are recorded under (records, wandb, --best_metric, report): each
+        CSV's file stem, and where stems repeat, preceded by as many parent folders as tell those CSVs
+        apart, joined by '-' (`a/flickr30k/test.csv b/mscoco/test.csv` -> flickr30k-test, mscoco-test).
+        The same CSV given twice is a ConfigError."""
+        paths = list(self.retrieval_data or ())
+        parts = [Path(os.path.abspath(p)).with_suffix("").parts[1:] for p in paths]  # folders and stem
+        depth = [1] * len(paths)
+        while True:
+            names = ["-".join(p[-d:]) for p, d in zip(parts, depth)]
+            clashing = [i for i, name in enumerate(names) if names.count(name) > 1]
+            if not clashing:
+                return names
+            longer = [i for i in clashing if depth[i] < len(parts[i])]
+            if not longer:
+                raise ConfigError(f"--retrieval_data {paths[clashing[0]]} is given twice; give each retrieval set once")
+            for i in longer:
+                depth[i] += 1
 
     def check(self) -> None:
         _check_choices(self)
+        self.retrieval_names  # distinct names, or a ConfigError at start-up
         for path in self.retrieval_data or ():
             if not os.path.isfile(path) and not is_benchmark_folder(path):
                 raise ConfigError(f"--retrieval_data {path}: no such file; pass a CSV of image paths and captions "

@@ -439,20 +439,21 @@ class RetrievalSet:
     caption_image: torch.Tensor  # [T] long
 
 
-def load_retrieval_set(path: str | Path, layout: CsvLayout, transform: Callable) -> RetrievalSet:
-    """An image-caption CSV as a retrieval set: rows with the same image path share the image; or a
-    clip_benchmark retrieval folder, whose samples hold an image and its captions."""
+def load_retrieval_set(path: str | Path, layout: CsvLayout, transform: Callable, name: str) -> RetrievalSet:
+    """An image-caption CSV as a retrieval set recorded as `name` (EvaluationConfig.retrieval_names): rows
+    with the same image path share the image; or a clip_benchmark retrieval folder, whose samples hold an
+    image and its captions."""
     if is_benchmark_folder(path):
-        return _benchmark_retrieval_set(Path(path), transform)
+        return _benchmark_retrieval_set(Path(path), transform, name)
     rows = open_caption_rows(path, layout)
     captions = [rows.caption(i) for i in range(len(rows))]
     index: dict[str, int] = {}
     caption_image = [index.setdefault(rows.image(i), len(index)) for i in range(len(rows))]
     images = LabeledImages(list(index), range(len(index)), transform)
-    return RetrievalSet(Path(path).stem, images, captions, torch.tensor(caption_image))
+    return RetrievalSet(name, images, captions, torch.tensor(caption_image))
 
 
-def _benchmark_retrieval_set(root: Path, transform: Callable) -> RetrievalSet:
+def _benchmark_retrieval_set(root: Path, transform: Callable, name: str) -> RetrievalSet:
     """The test split of a clip_benchmark retrieval folder; each `.txt` holds its image's captions, one a
     line (split as clip_benchmark splits them, with `str.splitlines`)."""
     index = index_shards(read_benchmark_split(root, "test", "retrieval"))
@@ -467,7 +468,7 @@ def _benchmark_retrieval_set(root: Path, transform: Callable) -> RetrievalSet:
     if not captions:
         raise DataError(f"{root}: its .txt members hold no captions")
     images = ShardedImages(index, range(len(index)), transform)
-    return RetrievalSet(root.stem, images, captions, torch.tensor(caption_image))
+    return RetrievalSet(name, images, captions, torch.tensor(caption_image))
 
 
 def collate_labeled(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -101,8 +101,8 @@ def build_eval_tasks(evaluation: EvaluationConfig, runtime: Runtime, transform: 
         else:
             zero_shot.append(ZeroShotTask(name, loader(test.dataset), *test.require_prompts()))
     retrieval = []
-    for path in evaluation.retrieval_data or ():
-        data = load_retrieval_set(path, layout, transform)
+    for path, name in zip(evaluation.retrieval_data or (), evaluation.retrieval_names):
+        data = load_retrieval_set(path, layout, transform, name)
         retrieval.append(RetrievalTask(data.name, loader(data.images), data.captions, data.caption_image))
     return EvalTasks(zero_shot, probes, retrieval)
 
@@ -128,9 +128,10 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[st
     return gather_rows(features, device)
 
 
-def progress(loader: torch.utils.data.DataLoader, desc: str) -> Iterator:
-    """The loader's batches, with a progress bar counted in this process's images (so it shows images/s)."""
-    with tqdm(total=images_in_share(loader), desc=desc, unit="img", leave=False) as bar:
+def progress(loader: torch.utils.data.DataLoader, desc: str, show: bool) -> Iterator:
+    """The loader's batches, with a progress bar counted in this process's images (so it shows images/s)
+    when `show` (the main process: one bar, not one per rank)."""
+    with tqdm(total=images_in_share(loader), desc=desc, unit="img", leave=False, disable=not show) as bar:
         for batch in loader:
             yield batch
             images, _, unreadable = batch
@@ -181,28 +182,45 @@ class Evaluator:
                  loss_fn: torch.nn.Module, tokenizer: Callable, logger: RunLogger, precision: str,
                  evaluation: EvaluationConfig = EvaluationConfig()) -> None:
         self.device, self.autocast = runtime.device, partial(autocast, runtime.device, precision)
+        self.show_progress = runtime.is_main
         self.loss_fn, self.validation_loader, self.tokenizer, self.logger = loss_fn, validation_loader, tokenizer, logger
         self.zero_shot_tasks, self.probes, self.retrievals = tasks.zero_shot, tasks.probes, tasks.retrieval
         self.val_frequency, self.zeroshot_frequency = evaluation.val_frequency, evaluation.zeroshot_frequency
 
-    def run(self, model: torch.nn.Module, epoch: int, rank_weight: float, last: bool = True) -> dict[str, float]:
+    def due(self, epoch: int, last: bool) -> bool:
+        """Whether the evaluation after `epoch` records anything (`last`: see run)."""
+        return any(True for _ in self.tasks(None, 0.0, epoch, last))
+
+    def tasks(self, model: Optional[torch.nn.Module], rank_weight: float, epoch: int,
+              last: bool) -> Iterator[tuple[str, Callable[[], dict]]]:
+        """(split, the task's metrics when called) of each evaluation due after `epoch`, in order."""
+        validate, sets = due(self.val_frequency, epoch, last), due(self.zeroshot_frequency, epoch, last)
+        if self.validation_loader is not None and validate:
+            yield "validation", partial(self.validation, model, rank_weight)
+        for task in self.zero_shot_tasks if sets else ():
+            yield "eval", partial(self.zero_shot, model, task)
+        for task in self.probes if sets else ():
+            yield "eval", partial(self.linear_probe, model, task)
+        for task in self.retrievals if validate else ():
+            yield "retrieval", partial(self.retrieval, model, task)
+
+    def run(self, model: torch.nn.Module, epoch: int, rank_weight: float, last: bool = True,
+            between: Optional[Callable[[], None]] = None) -> dict[str, float]:
         """Evaluate `model` (unwrapped; every process calls this) after `epoch`, what the frequencies make due
         (`last`: the run's last epoch, or an evaluation-only run); returns every number recorded, by its
         full name ("validation/contrastive_loss", "eval/ImageNet1K/zeroshot_top1"); {} on other ranks
-        (their logger records nothing) and where nothing was due."""
+        (their logger records nothing) and where nothing was due. `between` runs before each task, on every
+        rank: a training run's stop check, which ends a long evaluation by raising."""
         was_training = model.training
         model.eval()
         recorded: dict[str, float] = {}
-        validate, sets = due(self.val_frequency, epoch, last), due(self.zeroshot_frequency, epoch, last)
-        if self.validation_loader is not None and validate:
-            recorded |= self.logger.results(epoch, "validation", self.validation(model, rank_weight))
-        for task in self.zero_shot_tasks if sets else ():
-            recorded |= self.logger.results(epoch, "eval", self.zero_shot(model, task))
-        for task in self.probes if sets else ():
-            recorded |= self.logger.results(epoch, "eval", self.linear_probe(model, task))
-        for task in self.retrievals if validate else ():
-            recorded |= self.logger.results(epoch, "retrieval", self.retrieval(model, task))
-        model.train(was_training)
+        try:
+            for split, task in self.tasks(model, rank_weight, epoch, last):
+                if between is not None:
+                    between()
+                recorded |= self.logger.results(epoch, split, task())
+        finally:
+            model.train(was_training)
         return recorded
 
     @torch.no_grad()
@@ -210,7 +228,7 @@ class Evaluator:
         """Loss parts (`validation_losses`) and the representation analysis of all readable validation
         pairs; unreadable rows are skipped, counted (`skipped_samples`) and reported."""
         image_parts, text_parts, failed = [], [], []
-        for batch in tqdm(self.validation_loader, desc="validation", leave=False):
+        for batch in tqdm(self.validation_loader, desc="validation", leave=False, disable=not self.show_progress):
             failed += batch["failed"]
             if "image" not in batch:
                 continue
@@ -239,7 +257,7 @@ class Evaluator:
         if rank_and_world()[1] > 1:
             log.info(f"{desc}: {images_in_share(loader)} of {len(loader.dataset)} images encoded by this process")
         features, labels, unreadable = [], [], 0
-        for images, batch_labels, bad in progress(loader, desc):
+        for images, batch_labels, bad in progress(loader, desc, self.show_progress):
             unreadable += bad
             if batch_labels.numel() == 0:
                 continue

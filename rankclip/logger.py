@@ -1,4 +1,5 @@
-"""Run-folder logging: output.log, params.txt, results.jsonl, steps.jsonl and (optionally) Weights & Biases.
+"""Run-folder logging: output.log, params.txt, results.jsonl, steps.jsonl and (optionally) Weights & Biases
+(whose run id the folder keeps, in wandb_run_id.txt).
 
 Only the main process writes; other processes get a RunLogger whose methods do nothing, so
 callers never branch on rank.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,6 +20,7 @@ from .errors import ReportError
 from .files import atomic_write_text
 
 log = logging.getLogger("rankclip")
+WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 def setup_console_logging(rank: int = 0) -> None:
@@ -51,7 +54,7 @@ class RunLogger:
             import wandb
 
             self.wandb = wandb.init(project="rankclip", name=run.name, notes=run.notes, config=settings,
-                                    dir=str(self.run_dir), resume="allow")
+                                    dir=str(self.run_dir), id=wandb_run_id(self.run_dir), resume="allow")
 
     def results(self, epoch: int, split: str, metrics: dict) -> dict[str, float]:
         """Append one record to results.jsonl (and wandb); returns its numbers by their full names
@@ -107,6 +110,17 @@ class RunLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run folder, made at its first launch and kept in WANDB_ID_FILE, so that
+    every requeue continues the same W&B run (wandb's resume="allow" resumes only a given id)."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(8)  # W&B ids: letters and digits
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 def _keep_records(path: Path, keep: Callable[[dict], bool]) -> None:

@@ -114,8 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"rankclip: error: {process_label()}{e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        print(f"rankclip: {process_label()}stopped by {e.signal_name} after saving a checkpoint; the same command "
-              f"with --resume auto (or latest) continues the run (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        what = ("after saving a checkpoint; the same command with --resume auto (or latest) continues the run"
+                if e.saved else "before training, with nothing to save; the same command starts the run again")
+        print(f"rankclip: {process_label()}stopped by {e.signal_name} {what} (exit code {EXIT_PREEMPTED})",
+              file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # checkpoints are written atomically: every one on disk is complete
         print(f"rankclip: {process_label()}interrupted; continue the run with --resume latest", file=sys.stderr)

@@ -47,7 +47,7 @@ def check_resumed_config(obj: dict, path: str | Path, settings: dict, world_size
         raise CheckpointError(f"--resume {path}: the checkpoint was written with other settings: {changes}; "
                           f"resume with the run's settings, or pass --resume_allow_changes")
     position = obj.get("position")
-    if position:
+    if position and position.get("train") is None:  # an epoch's end before its evaluation places no data
         done = int(obj["epoch"])
         fallback = (f"resume from {Path(path).parent / f'epoch_{done}.pt'} (the end of epoch {done})" if done
                     else "start the run afresh")
@@ -124,7 +124,8 @@ def _fallback(folder: Path) -> str:
 class ResumePoint:
     """Where a resumed run continues: `epoch` is the next epoch to train, of which `steps_done`
     steps (and `seen` samples) are already trained; `sums` and `failed` are this rank's share of
-    that partial epoch's loss sums and unreadable images."""
+    that partial epoch's loss sums and unreadable images. `trained` is the epoch's training record
+    when all its steps were trained and saved before its evaluation: then only the evaluation is left."""
 
     epoch: int
     step: int
@@ -132,6 +133,7 @@ class ResumePoint:
     seen: int = 0
     sums: dict = field(default_factory=dict)
     failed: tuple = ()
+    trained: Optional[dict] = None
 
 
 def resume_training(path: Path, run_dir: Path, state: TrainState, checkpointer: Checkpointer, settings: dict,
@@ -171,7 +173,7 @@ def restore_training(obj: dict, path: Path, state: TrainState, checkpointer: Che
     if not position:
         return ResumePoint(epoch + 1, step)
     return ResumePoint(int(position["epoch"]), step, int(position["steps_done"]), int(position["seen"]),
-                       dict(own.get("sums", {})), tuple(own.get("failed", ())))
+                       dict(own.get("sums", {})), tuple(own.get("failed", ())), position.get("train"))
 
 
 def restore_rank_state(obj: dict, runtime: Runtime, seed: int, step: int) -> dict:

@@ -32,11 +32,12 @@ def save_interval_minutes(requested: Optional[float], device: torch.device) -> f
 
 
 class Preempted(Exception):
-    """Raised on every rank once the checkpoint that a stop signal asked for is written."""
+    """Raised on every rank once the checkpoint that a stop signal asked for is written (`saved`), or
+    when there was nothing to save: a stop during the evaluation before training."""
 
-    def __init__(self, signal_name: str) -> None:
+    def __init__(self, signal_name: str, saved: bool = True) -> None:
         super().__init__(signal_name)
-        self.signal_name = signal_name
+        self.signal_name, self.saved = signal_name, saved
 
 
 class SavePoints:

@@ -107,7 +107,14 @@ def encode_batch(model: torch.nn.Module, batch: dict, device: torch.device, prec
 
 
 class FailureCounter:
-    """Counts unreadable training images per epoch and stops the run past FAILURE_LIMIT."""
+    """Counts this process's unreadable training images of an epoch; the run stops once more than
+    FAILURE_LIMIT of the epoch's `num_samples` (all processes together) cannot be read.
+
+    The limit is global: each process checks the count of all processes (`check_total`, given the
+    all-reduced count) at log points and at the epoch's end, and stops at once when its own count
+    alone is past the limit. A per-process share of the limit would stop a run whose unreadable
+    images sit unevenly, and one resumed mid-epoch on fewer processes, where rank 0 takes over the
+    counts of all the old ranks."""
 
     def __init__(self, num_samples: int) -> None:
         self.num_samples = num_samples
@@ -115,10 +122,14 @@ class FailureCounter:
 
     def add(self, paths: list[str]) -> None:
         self.failed.update(paths)
-        if len(self.failed) > FAILURE_LIMIT * self.num_samples:
-            examples = ", ".join(sorted(self.failed)[:3])
-            raise DataError(f"{len(self.failed)} of {self.num_samples} training images cannot be read "
-                            f"(over {FAILURE_LIMIT:.0%}), e.g. {examples}; fix or remove them from the CSV")
+        self.check_total(len(self.failed))
+
+    def check_total(self, count: int) -> None:
+        """Stop (DataError) when `count` unreadable images, this process's or all processes', are too many."""
+        if count > FAILURE_LIMIT * self.num_samples:
+            examples = f", e.g. {', '.join(sorted(self.failed)[:3])}" if self.failed else ""
+            raise DataError(f"{count} of {self.num_samples} training images cannot be read "
+                            f"(over {FAILURE_LIMIT:.0%}){examples}; fix or remove them from the CSV")
 
 
 @dataclass(frozen=True)
@@ -150,21 +161,27 @@ class Trainer:
     logger: RunLogger
 
     def fit(self, resume: ResumePoint) -> None:
-        """Train from `resume` to the last epoch; SIGTERM/SIGUSR1 end it with a checkpoint (Preempted)."""
+        """Train from `resume` to the last epoch; SIGTERM/SIGUSR1 end it with a checkpoint (Preempted).
+
+        An epoch's training is saved before its evaluation (a mid-epoch-style epoch_latest.pt at its
+        last step, holding the epoch's training record), so a kill or a failure during a long
+        evaluation loses no training, and a stop signal ends the evaluation between two of its tasks.
+        A run resumed from that checkpoint evaluates the epoch (its records of it are dropped by
+        RunLogger.rewind and written again); epoch_<N>.pt and the best epoch follow the evaluation."""
         points = self.checkpointer.points
         points.install()
         try:
             if resume.epoch == 1 and resume.steps_done == 0:
-                self.evaluator.run(self.state.model, epoch=0, rank_weight=self.schedules.rank_weight(0), last=False)
-                self.runtime.barrier()
+                self.evaluate(0, self.schedules.rank_weight(0), last=False, saved=False)
             for epoch in range(resume.epoch, self.training.epochs + 1):
                 weight = self.schedules.rank_weight(epoch)
-                train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None)
-                self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
+                if epoch == resume.epoch and resume.trained is not None:  # trained and saved, not evaluated
+                    train_metrics = resume.trained
+                else:
+                    train_metrics = self.train_epoch(epoch, weight, resume if epoch == resume.epoch else None,
+                                                     save_at_end=self.evaluator.due(epoch, epoch == self.training.epochs))
                 self.logger.results(epoch, "train", train_metrics)
-                recorded = self.evaluator.run(self.state.model, epoch=epoch, rank_weight=weight,
-                                              last=epoch == self.training.epochs)
-                self.runtime.barrier()
+                recorded = self.evaluate(epoch, weight, last=epoch == self.training.epochs)
                 self.checkpointer.save(self.state, epoch, position=None, recorded=recorded)
                 if points.at_step(self.state.step, may_save=False)[1]:
                     raise Preempted(points.stop_reason())
@@ -178,6 +195,34 @@ class Trainer:
             self.checkpointer.wait()  # the last checkpoint is on disk before the run ends, however it ends
             points.uninstall()
         self.logger.write_curves()
+
+    def evaluate(self, epoch: int, weight: float, last: bool, saved: bool = True) -> dict[str, float]:
+        """The evaluation after `epoch` (0: before training; `last`: the run's last epoch), on every rank; a
+        stop signal ends it between two tasks (Preempted; `saved`: whether the state evaluated is on disk)."""
+        self.checkpointer.wait()  # evaluation may start loader workers: never fork during a write
+        self.runtime.barrier()  # the other ranks wait for rank 0's write here, not in a collective
+        points = self.checkpointer.points
+
+        def stop_if_signalled() -> None:
+            if points.at_step(self.state.step, may_save=False)[1]:
+                raise Preempted(points.stop_reason(), saved)
+
+        recorded = self.evaluator.run(self.state.model, epoch=epoch, rank_weight=weight, last=last,
+                                      between=stop_if_signalled)
+        self.runtime.barrier()
+        return recorded
+
+    def save_or_stop(self, epoch: int, steps_done: int, seen: int, totals: dict[str, torch.Tensor],
+                     failed: set[str], bar: tqdm) -> None:
+        """At a step boundary inside an epoch: a timed or signalled save of the position, and the stop."""
+        points = self.checkpointer.points
+        save, stop = points.at_step(self.state.step)
+        if save:
+            self.checkpointer.save(self.state, epoch - 1, {"epoch": epoch, "steps_done": steps_done, "seen": seen},
+                                   sums=read_sums(totals), failed=failed)
+        if stop:
+            bar.close()
+            raise Preempted(points.stop_reason())
 
     def micro_batch_groups(self) -> Iterator[list[dict]]:
         """The loader's batches, `accum_freq` at a time: the micro-batches of one optimizer step."""
@@ -220,9 +265,12 @@ class Trainer:
             self.state.scaler.unscale_(self.state.optimizer)
         return clip_gradients(self.state.model.parameters(), self.training.grad_clip_norm)
 
-    def train_epoch(self, epoch: int, weight: float, resume: Optional[ResumePoint] = None) -> dict:
-        """One epoch, or the rest of one that a mid-epoch checkpoint (`resume`) stopped in."""
-        state, points = self.state, self.checkpointer.points
+    def train_epoch(self, epoch: int, weight: float, resume: Optional[ResumePoint] = None,
+                    save_at_end: bool = False) -> dict:
+        """One epoch, or the rest of one that a mid-epoch checkpoint (`resume`) stopped in. With
+        `save_at_end` (an evaluation follows) its end is saved as a position after its last step,
+        with its training record (`train`), before `fit` evaluates it."""
+        state = self.state
         state.wrapped.train()
         start_step = resume.steps_done if resume is not None else 0
         self.data.set_epoch(epoch, start_step)
@@ -231,7 +279,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
         num_steps = self.data.steps
         every = self.training.log_every_n_steps or progress_interval(num_steps)
-        failures = FailureCounter(self.data.num_samples // self.runtime.world_size)  # this process's share
+        failures = FailureCounter(self.data.num_samples)
         # Running sums stay on the device and are read at log and save points only: a .item() per step
         # would make the host wait for the GPU's queue to drain at every step.
         totals: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float64, device=self.runtime.device)
@@ -279,20 +327,17 @@ class Trainer:
                 log.info(f"epoch {epoch} [{i + 1}/{num_steps}] {parts} lr {lr:.3e} "
                          f"logit_scale {logit_scale.item():.2f} samples/s {rate:.1f}")
                 self.logger.step(state.step, epoch, values | {"lr": lr})
+                failures.check_total(int(self.runtime.all_sum([len(failures.failed)])[0]))
                 interval_start, interval_samples = time.perf_counter(), 0
-            save, stop = points.at_step(state.step, may_save=i + 1 < num_steps)
-            if save:
-                self.checkpointer.save(state, epoch - 1, {"epoch": epoch, "steps_done": i + 1, "seen": seen},
-                                       sums=read_sums(totals), failed=failures.failed)
-            if stop:
-                bar.close()
-                raise Preempted(points.stop_reason())
+            if i + 1 < num_steps:  # the epoch's end is saved, and a stop signal heeded there, by `fit`
+                self.save_or_stop(epoch, i + 1, seen, totals, failures.failed, bar)
         bar.close()
         elapsed = time.perf_counter() - start
         # Each rank's loss is its rows' share of the global loss: the mean over ranks is the global value.
         keys = sorted(totals)
         local = read_sums(totals)  # the epoch's one read
         summed = self.runtime.all_sum([local[k] / self.runtime.world_size for k in keys] + [len(failures.failed)])
+        failures.check_total(int(summed[-1]))
         metrics = {k: v / max(seen, 1) for k, v in zip(keys, summed)}
         rate = (seen - seen_before) / max(elapsed, 1e-9)
         metrics.update(lr=lr, rank_weight=weight, samples_per_second=rate,
@@ -303,4 +348,7 @@ class Trainer:
         if failures.failed:
             log.warning(f"epoch {epoch}: skipped {len(failures.failed)} unreadable images, e.g. "
                         f"{sorted(failures.failed)[0]}")
+        if save_at_end:
+            self.checkpointer.save(state, epoch - 1, {"epoch": epoch, "steps_done": num_steps, "seen": seen,
+                                                      "train": metrics})
         return metrics

@@ -143,7 +143,7 @@ def test_retrieval_figures_equal_the_csv_with_several_captions_per_image(retriev
     model = bundle.model.eval()
     results = []
     for source in (bench, csv):
-        data = load_retrieval_set(source, CsvLayout("image", "caption", ","), bundle.val_transform)
+        data = load_retrieval_set(source, CsvLayout("image", "caption", ","), bundle.val_transform, "set")
         loader = build_labeled_loader(data.images, Runtime(), batch_size=4, num_workers=0)
         results.append(evaluator(bundle).retrieval(model, RetrievalTask(data.name, loader, data.captions,
                                                                         data.caption_image)))
@@ -187,7 +187,7 @@ def test_clip_benchmark_reads_the_sets_the_tests_write(pair, retrieval_pair):
     retrieval, csv = retrieval_pair
     theirs = builder.build_wds_dataset("wds_colour_captions", transform=to_value, split="test",
                                        data_dir=str(retrieval))
-    ours = load_retrieval_set(retrieval, CsvLayout("image", "caption", ","), to_value)
+    ours = load_retrieval_set(retrieval, CsvLayout("image", "caption", ","), to_value, "set")
     their_samples = list(theirs)
     assert [caption for _, captions in their_samples for caption in captions] == ours.captions
     assert torch.equal(torch.tensor([i for i, (_, captions) in enumerate(their_samples) for _ in captions]),
@@ -218,12 +218,12 @@ def test_sets_written_by_clip_benchmark_are_read_as_their_source(pair, retrieval
         (value.tolist(), label) for value, label in (source.dataset[i] for i in range(24))]
 
     _, csv = retrieval_pair
-    source = load_retrieval_set(csv, CsvLayout("image", "caption", ","), to_value)
+    source = load_retrieval_set(csv, CsvLayout("image", "caption", ","), to_value, "set")
     captions = [[c for c, i in zip(source.captions, source.caption_image) if i == image] for image in range(18)]
     samples = Listed(zip(source.images.paths, captions))
     writer.convert_retrieval_dataset(samples, "test", str(tmp_path / "captions"), transform=writer.path_to_bytes,
                                      max_count=10, verbose=False)
-    ours = load_retrieval_set(tmp_path / "captions", CsvLayout("image", "caption", ","), to_value)
+    ours = load_retrieval_set(tmp_path / "captions", CsvLayout("image", "caption", ","), to_value, "set")
     assert ours.captions == source.captions and torch.equal(ours.caption_image, source.caption_image)
     assert [value.tolist() for value, _ in ours.images] == [value.tolist() for value, _ in source.images]
 
@@ -295,7 +295,7 @@ def test_a_linear_probe_reads_the_train_split(pair, tmp_path):
 def test_a_classification_folder_is_not_a_retrieval_set(pair):
     with pytest.raises(DataError, match=r"a classification set \(without `retrieval` in dataset_type.txt\), not a "
                                         r"retrieval set; pass it to --eval_test_data_dir"):
-        load_retrieval_set(pair[0], CsvLayout("image", "caption", ","), to_value)
+        load_retrieval_set(pair[0], CsvLayout("image", "caption", ","), to_value, "set")
 
 
 def test_the_set_name_is_free_only_for_a_clip_benchmark_folder(pair, retrieval_pair, colour_data):

@@ -383,3 +383,13 @@ def test_a_resume_keeps_the_lr_schedule_and_reads_older_checkpoints_as_cosine(tm
                                               ".*--resume_allow_changes"):
         check_resumed_config(older, path, cooldown, world_size=1)
     check_resumed_config(older, path, cooldown | {"resume_allow_changes": True}, world_size=1)
+
+
+def test_an_epoch_saved_before_its_evaluation_continues_on_other_streams(tmp_path):
+    """Stopped during the evaluation after epoch 3: nothing of the epoch is left to read, so another
+    number of processes or data workers (a node lost while requeued) continues it."""
+    cfg = Config.from_dict(dict(name="run", train_data="train.csv", dataset_type="webdataset", train_num_samples=256,
+                                num_workers=2)).to_dict()
+    trained = mid_epoch_checkpoint()
+    trained["position"] |= {"steps_done": 8, "train": {"loss": 1.0}}
+    check_resumed_config(trained, tmp_path / "checkpoints" / "epoch_latest.pt", cfg, world_size=1)

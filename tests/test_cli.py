@@ -10,6 +10,7 @@ import torch
 from rankclip.errors import ConfigError
 from rankclip.weights import read_checkpoint
 from rankclip.main import main
+from rankclip.report import main as report_main
 
 from conftest import write_zeroshot_folder
 
@@ -129,6 +130,35 @@ def test_evaluation_only_run_with_several_sets_retrieval_and_analysis(trained, c
     assert retrieval["retrieval_data"] == "validation" and retrieval["num_images"] == retrieval["num_captions"] == 64
     assert retrieval["image_to_text_R@10"] > 0.3 and retrieval["text_to_image_R@10"] > 0.3
     assert retrieval["image_to_text_R@1"] <= retrieval["image_to_text_R@5"] <= retrieval["image_to_text_R@10"]
+
+
+@pytest.mark.e2e
+def test_retrieval_sets_with_the_same_file_name_keep_their_own_records_best_and_report(colour_data, tmp_path):
+    """flickr30k/test.csv and mscoco/test.csv: two records per epoch, told apart by folder, in results.jsonl,
+    --best_metric and the report (the first 32 and the last 32 validation rows, so their numbers differ)."""
+    header, *rows = colour_data["validation"].read_text().splitlines()
+    rows = [f"{colour_data['root'] / row.split(',')[0]},{row.split(',', 1)[1]}" for row in rows]
+    sets = []
+    for folder, part in (("flickr30k", rows[:32]), ("mscoco", rows[32:])):
+        (tmp_path / folder).mkdir()
+        sets.append(tmp_path / folder / "test.csv")
+        sets[-1].write_text("\n".join([header, *part]) + "\n")
+    argv = flags(colour_data, tmp_path, "two_tests", "--epochs", "2", "--retrieval_data", *map(str, sets),
+                 "--best_metric", "retrieval/mscoco-test/text_to_image_R@1", evaluate=False)
+    assert main(argv) == 0
+    retrieval = [r for r in records(tmp_path / "two_tests") if r["split"] == "retrieval"]
+    assert [(r["epoch"], r["retrieval_data"]) for r in retrieval] == [
+        (e, name) for e in range(3) for name in ("flickr30k-test", "mscoco-test")]
+    mscoco = {r["epoch"]: r["text_to_image_R@1"] for r in retrieval if r["retrieval_data"] == "mscoco-test"}
+    best = read_checkpoint(tmp_path / "two_tests" / "checkpoints" / "epoch.best.pt")
+    assert best["best_value"] == max(mscoco[1], mscoco[2]) and best["epoch"] == max((1, 2), key=mscoco.get)
+    assert report_main([str(tmp_path / "two_tests"), "-o", str(tmp_path / "report")]) == 0
+    table = json.loads((tmp_path / "report" / "report.json").read_text())["tables"]["Retrieval recall"]
+    (row,) = table["rows"].values()
+    for record in (r for r in retrieval if r["epoch"] == 2):
+        for way, column in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+            assert row[f"{record['retrieval_data']} {column} R@5"]["values"] == [record[f"{way}_R@5"]]
+    assert "mscoco-test text→image R@1" in (tmp_path / "report" / "report.md").read_text()
 
 
 @pytest.mark.e2e
@@ -274,9 +304,14 @@ def test_every_objective_trains_end_to_end(colour_data, tmp_path, objective):
 def test_wandb_logs_offline(colour_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    assert main(flags(colour_data, tmp_path, "tracked", "--epochs", "1", "--wandb", evaluate=False)) == 0
+    argv = flags(colour_data, tmp_path, "tracked", "--epochs", "1", "--wandb", "--resume", "auto", evaluate=False)
+    assert main(argv) == 0
     runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert main(argv) == 0  # a requeue continues the same W&B run (the folder keeps its id)
+    run_id = (tmp_path / "tracked" / "wandb_run_id.txt").read_text().strip()
+    runs = sorted((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs), runs
 
 
 @pytest.fixture(scope="module")

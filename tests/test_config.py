@@ -84,6 +84,22 @@ def test_bad_evaluation_flags(colour_data, extra, message):
         parse_config(argv)
 
 
+def test_retrieval_sets_with_the_same_file_name_are_told_apart_by_their_folders(tmp_path):
+    paths = [tmp_path / "flickr30k" / "test.csv", tmp_path / "mscoco" / "test.csv", tmp_path / "val.csv",
+             tmp_path / "a" / "x" / "val2.csv", tmp_path / "b" / "x" / "val2.csv"]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("image,caption\n")
+    cfg = parse_config(["--pretrained", "--retrieval_data", *map(str, paths),
+                        "--best_metric", "retrieval/mscoco-test/image_to_text_R@1"])
+    assert cfg.evaluation.retrieval_names == ["flickr30k-test", "mscoco-test", "val", "a-x-val2", "b-x-val2"]
+    with pytest.raises(ConfigError, match="this run evaluates no retrieval set 'test'"):
+        parse_config(["--pretrained", "--retrieval_data", *map(str, paths[:2]),
+                      "--best_metric", "retrieval/test/image_to_text_R@1"])
+    with pytest.raises(ConfigError, match=f"--retrieval_data {paths[2]} is given twice; give each retrieval set once"):
+        parse_config(["--pretrained", "--retrieval_data", str(paths[2]), str(paths[0]), str(paths[2])])
+
+
 def test_a_config_file_with_data_is_not_the_demo(tmp_path, colour_data):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"train_data": str(colour_data["train"]), "model_name": "RN50"}))

@@ -482,3 +482,127 @@ def test_two_processes_share_clip_benchmark_sets_with_the_figures_of_the_labels_
     assert (our_retrieval.pop("retrieval_data"), their_retrieval.pop("retrieval_data")) == (
         "wds_colour_captions", "colour_captions")
     assert our_retrieval == their_retrieval and our_retrieval["num_captions"] == 36
+
+
+# ---- Save before evaluating: a kill or a stop signal during an evaluation loses no training.
+
+class HeldImage:
+    """A validation "image" that is a named pipe: each evaluation's read waits in open() until `serve`
+    opens the writing end, and then reads nothing (an unreadable image, skipped). So the test knows
+    when a run is inside an evaluation, holds it there, and acts (`act`, before the n-th read is
+    released, n counted from 1) before letting it go on."""
+
+    def __init__(self, path):
+        self.path = path
+        os.mkfifo(path)
+
+    def reader_waits(self):
+        """Whether a reader has the pipe open (opening its writing end without blocking fails otherwise)."""
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+            return True
+        except OSError:
+            return False
+
+    def serve(self, proc, act=None, at=0):
+        """Release every read until `proc` ends; returns how many there were."""
+        reads = 0
+        while proc.poll() is None:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)  # fails (ENXIO) until a reader waits
+            except OSError:
+                time.sleep(0.02)
+                continue
+            reads += 1
+            if reads == at:
+                act()
+                time.sleep(0.5)  # the handler runs (it only sets a flag) while the read still waits
+            os.close(fd)  # the reader reads the end of the file
+            while proc.poll() is None and self.reader_waits():  # until it has closed the pipe
+                time.sleep(0.02)
+        return reads
+
+
+def evaluated_run(colour_data, logs, name, held):
+    """Validation (held at each evaluation) then zero-shot; 2 epochs of 4 steps; the best epoch by zero-shot."""
+    header, *rows = colour_data["validation"].read_text().splitlines()
+    rows = [f"{colour_data['root'] / r.split(',')[0]},{r.split(',', 1)[1]}" for r in rows]
+    validation = logs / f"{name}_validation.csv"
+    validation.write_text("\n".join([header, *rows[:32], f"{held.path},a picture that keeps us waiting"]) + "\n")
+    return command(colour_data, logs, name, 1, "--validation_data", str(validation), "--eval_data_type", "ImageNet1K",
+                   "--eval_test_data_dir", str(colour_data["zeroshot"]), "--best_metric",
+                   "eval/ImageNet1K/zeroshot_top1", "--batch_size", "64", "--epochs", "2", "--resume", "auto")
+
+
+def served(cmd, held, act=None, at=0):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        reads = held.serve(proc, (lambda: act(proc)) if act else None, at)
+        return proc.communicate(timeout=TIMEOUT)[0], proc.returncode, reads
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def results_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(colour_data, tmp_path_factory):
+    """The uninterrupted run of `evaluated_run`, and its held image."""
+    logs = tmp_path_factory.mktemp("evaluated")
+    held = HeldImage(logs / "held.png")
+    output, code, reads = served(evaluated_run(colour_data, logs, "straight", held), held)
+    assert code == 0 and reads == 3, output[-3000:]  # evaluations after epochs 0, 1, 2
+    return logs, held
+
+
+@pytest.mark.parametrize("stop", [signal.SIGUSR1, signal.SIGKILL], ids=["SIGUSR1", "kill-9"])
+def test_a_stop_or_kill_during_evaluation_loses_no_training_and_the_resume_evaluates_that_epoch(
+        colour_data, straight, stop):
+    """Epoch 1's training is on disk before its evaluation starts. SIGUSR1 during its validation ends
+    the run before zero-shot (exit 75, nothing trained again); kill -9 there loses nothing either. The
+    same command then evaluates epoch 1 and trains epoch 2: the records, the best epoch and the weights
+    are those of an uninterrupted run (bit for bit)."""
+    tmp_path, held = straight
+    cmd = evaluated_run(colour_data, tmp_path, f"stopped_{stop.name}", held)
+    output, code, _ = served(cmd, held, act=lambda proc: os.kill(proc.pid, stop), at=2)
+    run_dir = tmp_path / f"stopped_{stop.name}"
+    latest = read_checkpoint(run_dir / "checkpoints" / "epoch_latest.pt")
+    assert latest["epoch"] == 0 and latest["step"] == 4 and latest["position"]["steps_done"] == 4
+    assert not (run_dir / "checkpoints" / "epoch_1.pt").exists()
+    cut = [(r["epoch"], r["split"]) for r in results_of(run_dir)]
+    if stop == signal.SIGUSR1:
+        assert code == 75 and output.count("stopped by SIGUSR1 after saving a checkpoint") == 1, output[-3000:]
+        assert cut[-2:] == [(1, "train"), (1, "validation")]  # zero-shot never started
+    else:
+        assert code == -signal.SIGKILL and cut[-1] == (1, "train")
+    again, code, reads = served(cmd, held)
+    assert code == 0 and reads == 2, again[-3000:]  # epoch 1 again, then epoch 2
+    assert "resumed from" in again and "after step 4 of 4" in again and "epoch 1 [" not in again  # not retrained
+    expected, got = results_of(tmp_path / "straight"), results_of(run_dir)
+    assert [(r["epoch"], r["split"]) for r in got] == [(r["epoch"], r["split"]) for r in expected]
+    timing = {"samples_per_second", "samples_per_second_per_process"}
+    for want, have in zip(expected, got):
+        assert {k: v for k, v in have.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
+    assert_bit_identical(weights(tmp_path / "straight" / "checkpoints" / "epoch_2.pt"),
+                         weights(run_dir / "checkpoints" / "epoch_2.pt"), f"{stop.name} during evaluation")
+    best = [read_checkpoint(folder / "checkpoints" / "epoch.best.pt") for folder in (tmp_path / "straight", run_dir)]
+    assert (best[1]["epoch"], best[1]["best_value"]) == (best[0]["epoch"], best[0]["best_value"])
+
+
+def test_a_stop_during_the_evaluation_before_training_saves_nothing_and_the_same_command_starts_again(
+        colour_data, straight):
+    tmp_path, held = straight
+    cmd = evaluated_run(colour_data, tmp_path, "stopped_at_0", held)
+    output, code, _ = served(cmd, held, act=lambda proc: os.kill(proc.pid, signal.SIGUSR1), at=1)
+    assert code == 75 and output.count("stopped by SIGUSR1 before training, with nothing to save") == 1, output[-3000:]
+    run_dir = tmp_path / "stopped_at_0"
+    assert [(r["epoch"], r["split"]) for r in results_of(run_dir)] == [(0, "validation")]
+    assert not list((run_dir / "checkpoints").glob("*.pt"))
+    again, code, _ = served(cmd, held)
+    assert code == 0, again[-3000:]
+    expected = results_of(tmp_path / "straight")
+    assert [(r["epoch"], r["split"]) for r in results_of(run_dir)] == [(r["epoch"], r["split"]) for r in expected]

@@ -166,7 +166,7 @@ def test_retrieval_csv_groups_captions_by_image(tmp_path):
         write_png(tmp_path / f"{name}.png", 1)
     (tmp_path / "test.csv").write_text("image,caption\na.png,one\nb.png,two\na.png,three\nc.png,four\n"
                                        "b.png,five\n")
-    data = load_retrieval_set(tmp_path / "test.csv", CsvLayout(), to_tensor)
+    data = load_retrieval_set(tmp_path / "test.csv", CsvLayout(), to_tensor, "test")
     assert data.name == "test" and len(data.images) == 3
     assert data.captions == ["one", "two", "three", "four", "five"]
     assert data.caption_image.tolist() == [0, 1, 0, 2, 1]

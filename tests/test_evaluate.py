@@ -111,3 +111,18 @@ def test_validation_skips_unreadable_rows_and_its_loss_ignores_batch_size(colour
     for key in parts[0]:
         want = (33 * parts[0][key].item() + 32 * parts[1][key].item()) / 65
         assert metrics[key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+
+
+def test_only_the_main_process_draws_evaluation_progress_bars(colour_data, capsys):
+    """Under srun/torchrun every rank shares the job's output: one set of bars, rank 0's."""
+    bundle = build_model(ModelConfig(model_name="tiny-vit"))
+    cfg = Config.from_dict(dict(validation_data=str(colour_data["validation"]), eval_data_type=["ImageNet1K"],
+                                eval_test_data_dir=[str(colour_data["zeroshot"])], model_name="tiny-vit",
+                                num_workers=0, name="bars"))
+    shown = {}
+    for runtime in (Runtime(), Runtime(rank=1, world_size=2)):  # no process group: each evaluates alone
+        logger = RunLogger(cfg.run, cfg.to_dict(), enabled=False)
+        build_evaluator(cfg, runtime, bundle, logger).run(bundle.model, epoch=0, rank_weight=1.0)
+        shown[runtime.rank] = capsys.readouterr().err
+    assert "validation" in shown[0] and "zero-shot ImageNet1K" in shown[0]
+    assert shown[1] == ""

@@ -1,6 +1,8 @@
 """RunLogger: results.jsonl and steps.jsonl records, and the keys sent to Weights & Biases."""
 
 import json
+import sys
+import types
 
 from rankclip.config import RunConfig
 from rankclip.logger import RunLogger
@@ -44,3 +46,17 @@ def test_rewind_forgets_what_was_recorded_after_the_checkpoint(tmp_path):
     assert [r["epoch"] for r in results] == [0, 1] and [s["step"] for s in steps] == [1, 2, 3, 4]
     logger.rewind(epochs_done=-1, step=0)  # a fresh start of a run that never saved
     assert (tmp_path / "run" / "results.jsonl").read_text() == ""
+
+
+def test_every_launch_of_a_run_folder_continues_one_wandb_run(tmp_path, monkeypatch):
+    """wandb resumes only a given id: the folder keeps one, and a requeue passes it again."""
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(kwargs) or FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = RunConfig(logs=str(tmp_path), name="run", wandb=True)
+    RunLogger(run, {"lr": 1e-3})
+    RunLogger(run, {"lr": 1e-3})
+    RunLogger(RunConfig(logs=str(tmp_path), name="other", wandb=True), {})
+    assert [c["resume"] for c in calls] == ["allow"] * 3
+    assert calls[0]["id"] == calls[1]["id"] != calls[2]["id"]
+    assert calls[0]["id"].isalnum() and calls[0]["name"] == "run"

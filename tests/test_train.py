@@ -1,11 +1,14 @@
 import json
 import math
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
 
 from rankclip.errors import ConfigError, DataError
@@ -14,13 +17,13 @@ from rankclip.config import (LR_SCHEDULERS, CheckpointsConfig, Config, Evaluatio
                              RunConfig, TrainingConfig, parse_config)
 from rankclip.evaluate import EvalTasks, Evaluator, RetrievalTask, ZeroShotTask
 from rankclip.report import build_report
-from rankclip.resume import ResumePoint
 from rankclip.weights import read_checkpoint
 from rankclip.runtime import Runtime
 from rankclip.logger import RunLogger
 from rankclip.losses import RankWeightSchedule, build_loss
 from rankclip.optim import build_optimizer
 from rankclip.precision import CPU_AMP_ENV, build_scaler
+from rankclip.resume import ResumePoint, restore_rank_state
 from rankclip.train import MAX_LOGIT_SCALE, LrSchedule, FailureCounter, Schedules, Trainer, lr_schedule
 
 
@@ -174,11 +177,12 @@ class ListData:
 
 def tiny_trainer(steps: int, accum_freq: int = 1, precision: str = "fp32", compile: bool = False,
                  data: Optional[ListData] = None, logs: Optional[Path] = None, settings: Optional[dict] = None,
-                 checkpoints: CheckpointsConfig = CheckpointsConfig(), **training: object) -> Trainer:
-    """A Trainer of TinyTowers over ListData; with `logs` it logs every step (params.txt: `settings`), and
-    its fit checkpoints into <logs>/tiny."""
+                 checkpoints: CheckpointsConfig = CheckpointsConfig(), runtime: Optional[Runtime] = None,
+                 **training: object) -> Trainer:
+    """A Trainer of TinyTowers over ListData (on `runtime`, one process by default); with `logs` it logs every
+    step (params.txt: `settings`), and its fit checkpoints into <logs>/tiny."""
     torch.manual_seed(0)
-    model, runtime = TinyTowers(), Runtime()
+    model, runtime = TinyTowers(), runtime or Runtime()
     training = TrainingConfig(accum_freq=accum_freq, precision=precision, log_every_n_steps=1 if logs else 1000,
                               **training)
     state = TrainState(model, runtime.wrap(model, compile=compile), build_optimizer(model, OptimConfig(lr=1e-3)),
@@ -400,3 +404,64 @@ def test_evaluation_epochs_follow_the_frequencies_and_best_and_report_use_them(
             TOP1[best_epoch]
     else:
         assert zero_shot == {}
+
+
+class FirstOfFour(Runtime):
+    """Rank 0 of 4 processes whose other ranks have nothing to add to its sums (no process group)."""
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return values
+
+
+def test_a_resume_on_fewer_processes_counts_the_inherited_unreadable_images_against_the_global_limit():
+    """8 ranks with 100 unreadable images each (0.8% of 100 000) resumed mid-epoch on 4: rank 0 takes
+    all 800, which is within the epoch's 1% (1000); one more than 1000 over all ranks stops the run."""
+    checkpoint = {"world_size": 8, "ranks": [{"rng": {}, "sums": {}, "failed": [f"r{r}_{i}.jpg" for i in range(100)]}
+                                             for r in range(8)]}
+    inherited = restore_rank_state(checkpoint, Runtime(rank=0, world_size=4), seed=0, step=0)["failed"]
+    assert len(inherited) == 800
+    for extra, fails in ((200, False), (201, True)):
+        trainer = tiny_trainer(2)
+        trainer.runtime, trainer.data.num_samples = FirstOfFour(world_size=4), 100_000
+        trainer.data.batches[1]["failed"] = [f"new_{i}.jpg" for i in range(extra)]
+        resume = ResumePoint(epoch=1, step=0, failed=tuple(inherited))
+        if fails:
+            with pytest.raises(DataError, match="1001 of 100000 training images cannot be read"):
+                trainer.train_epoch(epoch=1, weight=1.0, resume=resume)
+        else:
+            assert trainer.train_epoch(epoch=1, weight=1.0, resume=resume)["skipped_samples"] == 1000
+
+
+def unreadable_images_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One of 2 gloo ranks over an epoch of 800 samples (1% is 8): "uneven", rank 1 alone meets 6
+    unreadable images; "resumed", a 4-rank checkpoint's 8 are inherited and rank 1 meets 1 more."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    runtime, outcome = Runtime(rank=rank, world_size=2), {}
+    try:
+        for case, new in (("uneven", 6), ("resumed", 1)):
+            checkpoint = {"world_size": 4, "ranks": [{"rng": {}, "failed": [f"old{r}_{i}.jpg" for i in range(2)]}
+                                                     for r in range(4)] if case == "resumed" else []}
+            own = restore_rank_state(checkpoint, runtime, seed=0, step=0) if case == "resumed" else {}
+            trainer = tiny_trainer(4, runtime=runtime)
+            trainer.data.num_samples = 800
+            if rank == 1:
+                trainer.data.batches[1]["failed"] = [f"bad{i}.jpg" for i in range(new)]
+            try:
+                resume = ResumePoint(epoch=1, step=0, failed=tuple(own.get("failed", ())))
+                outcome[case] = trainer.train_epoch(epoch=1, weight=1.0, resume=resume)["skipped_samples"]
+            except DataError as e:
+                outcome[case] = str(e)
+    finally:
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(outcome))
+        dist.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_two_processes_stop_together_only_past_the_global_limit(tmp_path):
+    mp.spawn(unreadable_images_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert [o["uneven"] for o in outcomes] == [6, 6]  # 0.75% of the epoch, all on rank 1: 1.5% of its share
+    for outcome in outcomes:  # 8 inherited + 1: both ranks stop at the same point, neither waits for the other
+        assert outcome["resumed"].startswith("9 of 800 training images cannot be read (over 1%)"), outcome
