@@ -143,7 +143,7 @@ def test_retrieval_figures_equal_the_csv_with_several_captions_per_image(retriev
     model = bundle.model.eval()
     results = []
     for source in (bench, csv):
-        data = load_retrieval_set(source, CsvLayout("image", "caption", ","), bundle.val_transform, "set")
+        data = load_retrieval_set(source, CsvLayout("image", "caption", ","), bundle.val_transform, Path(source).stem)
         loader = build_labeled_loader(data.images, Runtime(), batch_size=4, num_workers=0)
         results.append(evaluator(bundle).retrieval(model, RetrievalTask(data.name, loader, data.captions,
                                                                         data.caption_image)))
