@@ -14,6 +14,9 @@ DOWNLOAD = ["img2dataset>=1.47"]
 # pins webdataset<=0.2.86 and pulls in transformers, which open_clip_train's CLIP runs never use.)
 # The tests run the benchmarks, so the test extra includes them.
 BENCH = ["braceexpand>=0.1.7", "fsspec>=2023.1"]
+# The tests read the clip_benchmark evaluation sets they write with clip_benchmark's own reader and write
+# sets with its own converter (the project itself reads that layout without it).
+COMPAT = ["clip-benchmark>=1.6"]
 
 setup(
     name="rankclip",
@@ -24,5 +27,5 @@ setup(
     packages=find_packages(include=["rankclip", "rankclip.*"]),
     python_requires=">=3.10",
     install_requires=REQUIREMENTS,
-    extras_require={"download": DOWNLOAD, "bench": BENCH, "test": ["pytest>=8", *BENCH]},
+    extras_require={"download": DOWNLOAD, "bench": BENCH, "test": ["pytest>=8", *BENCH, *COMPAT]},
 )
