@@ -26,9 +26,10 @@ from open_clip.push_to_hf_hub import generate_readme, save_for_hf
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, RankCLIPError, ReportError
 from .files import fsync_folder, temporary_name
+from .losses import model_init
 from .models import ModelBundle, build_model, model_of_checkpoint
 from .plot import read_jsonl
-from .weights import extract_state_dict, load_weights, read_checkpoint
+from .weights import BIAS, extract_state_dict, load_weights, read_checkpoint
 
 CITATION = """@InProceedings{Zhang_2025_ICCV,
     author    = {Zhang, Yiming and Zhao, Zhuokai and Chen, Zhaorun and Feng, Zhili and Ding, Zenghui and Sun, Yining},
@@ -63,14 +64,17 @@ def export(checkpoint: str | Path, out_dir: str | Path, model_name: Optional[str
                               f"of a training run")
     given = ModelConfig(model_name=model_name) if model_name else ModelConfig()
     model = model_of_checkpoint(obj, checkpoint, given, given=model_name is not None)
-    bundle = build_model(model)
+    # A SigLIP run's weights hold open_clip's logit_bias: the model is built with one, and the folder's model_cfg
+    # asks open_clip for one too (init_logit_bias, as open_clip's own SigLIP configs do).
+    init = model_init("siglip") if BIAS in extract_state_dict(obj) else {}
+    bundle = build_model(model, init=init)
     load_weights(bundle.model, obj, checkpoint)
     staging = temporary_name(out_dir)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         tokenizer = bundle.tokenizer if hasattr(bundle.tokenizer, "save_pretrained") else _BundledVocabulary()
-        save_for_hf(bundle.model, tokenizer, bundle.model_cfg, staging, safe_serialization=True)
+        save_for_hf(bundle.model, tokenizer, bundle.model_cfg | init, staging, safe_serialization=True)
         (staging / "README.md").write_text(model_card(obj, checkpoint, model, bundle, out_dir), encoding="utf-8")
         _sync(staging)
         _move_into_place(staging, out_dir)
@@ -157,6 +161,8 @@ def _objective(settings: dict) -> str:
                 f"{settings['cylambda2']:g} x cross-modal cyclic consistency")
     if loss == "clip":
         return "CLIP: contrastive (InfoNCE over image-text pairs)"
+    if loss == "siglip":
+        return "SigLIP: sigmoid loss over every image-text pair, with a learnt logit bias (open_clip's SigLipLoss)"
     return "not recorded (a checkpoint of the original RankCLIP code, or of another project)"
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from rankclip import export as exporting
 from rankclip.config import Config, ModelConfig
 from rankclip.export import export, main as export_main
+from rankclip.losses import model_init
 from rankclip.main import main
 from rankclip.models import ModelBundle, build_model
 
@@ -98,6 +99,26 @@ def test_open_clip_loads_the_folder_to_the_projects_features(tmp_path, picture, 
     assert set(config["preprocess_cfg"]) >= {"mean", "std"}
     want = features(bundle.model, bundle.val_transform, bundle.tokenizer, Image.open(picture))
     assert_close(exported_features(out, picture, fresh), want)
+
+
+def test_a_siglip_checkpoint_exports_with_its_logit_bias(tmp_path, picture):
+    """A --loss siglip run's weights hold open_clip's logit_bias: the folder's model_cfg asks open_clip for one
+    (init_logit_bias, as open_clip's own SigLIP configs do), so the folder loads whole, bias included."""
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(model_name="tiny-vit"), init=model_init("siglip"))
+    with torch.no_grad():
+        bundle.model.logit_bias.fill_(-7.25)
+    cfg = Config.from_dict({"model_name": "tiny-vit", "train_data": "train.csv", "loss": "siglip"})
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch_1.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"epoch": 1, "name": "run", "model_name": "tiny-vit", "config": cfg.to_dict(),
+                "state_dict": bundle.model.state_dict()}, checkpoint)
+    out = export(checkpoint, tmp_path / "exported")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert model.logit_bias.item() == -7.25
+    assert "SigLIP" in (out / "README.md").read_text()
+    assert_close(features(model, preprocess, open_clip.get_tokenizer(f"local-dir:{out}"), Image.open(picture)),
+                 features(bundle.model, bundle.val_transform, bundle.tokenizer, Image.open(picture)))
 
 
 def test_the_model_card_states_the_objective_model_data_epochs_and_results(tmp_path):
