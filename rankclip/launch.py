@@ -108,8 +108,12 @@ def _run_member(fn: Callable[[Runtime], None], runtime: Runtime, backend: Option
     configure_device(runtime.device)
     store, _, _ = next(dist.rendezvous(init_method, runtime.rank, runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT))
     store.set_timeout(PROCESS_GROUP_TIMEOUT)
-    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=runtime.rank,
-                            world_size=runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    # torchrun keeps its rendezvous store across --max_restarts, and with it the keys through which a process
+    # group's members find each other (their addresses, NCCL's id): a rank of the next attempt could read a
+    # failed attempt's peer there and fail to connect. Each attempt's keys live apart, under its number.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"default_pg/attempt{attempt}", store),
+                            rank=runtime.rank, world_size=runtime.world_size, timeout=PROCESS_GROUP_TIMEOUT)
     peers = Peers(store, runtime.rank, runtime.world_size, launch_token())
     try:
         fn(dataclasses.replace(runtime, peers=peers))

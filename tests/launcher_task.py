@@ -54,4 +54,6 @@ if __name__ == "__main__":
         if ATTEMPT == 0:
             SavePoints.at_step = failing_at_step(4)
         sys.exit(main.main(flags))
+    if ATTEMPT == 1 and os.environ["RANK"] == "0":
+        time.sleep(LATE)  # late to attempt 1's process group: rank 1 must not find attempt 0's rank 0 in the store
     launch.launch(killed_after_a_barrier, parse_config(["--device", "cpu"]).launch)

@@ -31,7 +31,8 @@ def torchrun(nproc: int, *args: str) -> list[str]:
 
 def test_a_restarted_attempt_waits_at_its_barriers_for_every_rank():
     """Attempt 0 meets at a barrier, then rank 1 dies; attempt 1's rank 0 must wait for late rank 1
-    rather than pass on attempt 0's count (the rendezvous store outlives a torchrun restart)."""
+    rather than pass on attempt 0's count (the rendezvous store outlives a torchrun restart), and rank 1
+    must not connect to attempt 0's rank 0 when attempt 1's rank 0 comes late to the process group."""
     result = subprocess.run(torchrun(2, "--max_restarts", "1", str(TASK), "barrier"), capture_output=True,
                             text=True, timeout=TIMEOUT, env=environment())
     output = result.stdout + result.stderr
